@@ -1,0 +1,1 @@
+"""Datasets: native readers, modality encodings, WebDataset sharding and loading, the demo."""

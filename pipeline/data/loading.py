@@ -1,0 +1,209 @@
+"""Reading shards back: exact decoding, paired augmentation, training and evaluation streams.
+
+Training streams resample shards with replacement (`ResampledShards`) and cut a fixed number
+of samples per epoch, split evenly over ranks and dataloader workers, so an "epoch" means the
+same amount of work on 1 GPU and on 64. Evaluation streams visit every shard exactly once,
+split by node then by worker, with no shuffling. A broken member or tar is skipped, counted
+and logged, never fatal for the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from pipeline.data.image_io import decode_npy, decode_png
+from pipeline.data.types import LABEL, Sample
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Sample], Sample]
+
+# Per-process counts of what was skipped while reading shards, by reason.
+SKIPPED: Counter[str] = Counter()
+
+
+def shard_urls(shard_dir: Path | str, split: str) -> list[str]:
+    """The tar files of one split, sorted; a clear error when there are none."""
+    shard_dir = Path(shard_dir)
+    urls = sorted(str(p) for p in shard_dir.glob(f"{split}-*.tar"))
+    if not urls:
+        raise FileNotFoundError(f"no shards for split {split!r} in {shard_dir}")
+    return urls
+
+
+def decode_sample(raw: dict[str, Any]) -> Sample | None:
+    """Decode a raw WebDataset sample; None (counted, logged) when a member is broken.
+
+    PNG members keep their channel count and bit depth (the stock `rgb8` decoder would turn a
+    16-bit thermal image into 8-bit RGB); `.npy` members come back bit-exact.
+    """
+    sample: Sample = {"key": raw["__key__"]}
+    try:
+        for member, data in raw.items():
+            if member.startswith("__"):
+                continue
+            if member.endswith(".png"):
+                sample[member[: -len(".png")]] = decode_png(data)
+            elif member.endswith(".npy"):
+                sample[member[: -len(".npy")]] = decode_npy(data)
+            elif member == "json":
+                sample["meta"] = json.loads(data)["meta"]
+    except Exception as err:  # any decoder error: skip the sample, keep the epoch going
+        SKIPPED["broken_member"] += 1
+        log.warning("skipping sample %s in %s: cannot decode %s (%s)",
+                    raw.get("__key__"), raw.get("__url__"), member, err)
+        return None
+    return sample
+
+
+def _skip_broken_tar(err: Exception) -> bool:
+    """WebDataset handler: log and continue past unreadable tars or tar members."""
+    SKIPPED["broken_tar"] += 1
+    log.warning("skipping unreadable shard data: %s", err)
+    return True
+
+
+def _decoded(source: Iterable[dict[str, Any]]) -> Iterator[Sample]:
+    for raw in source:
+        sample = decode_sample(raw)
+        if sample is not None:
+            yield to_tensors(sample)
+
+
+class _Map:
+    """A pipeline stage applying `transform`; unlike `wds.map` it adds no `__key__` entry,
+    and unlike a lambda it pickles, for dataloader workers started with `spawn`."""
+
+    def __init__(self, transform: Transform):
+        self.transform = transform
+
+    def __call__(self, source: Iterable[Sample]) -> Iterator[Sample]:
+        return (self.transform(sample) for sample in source)
+
+
+def to_tensors(sample: Sample) -> Sample:
+    """Arrays to CxHxW float32 tensors in raw units (uint16 values are exact in float32), the
+    label to an int64 HxW `Mask`, so geometric transforms treat each kind correctly."""
+    out: Sample = {}
+    for name, value in sample.items():
+        if not isinstance(value, np.ndarray):
+            out[name] = value
+        elif name == LABEL:
+            out[name] = tv_tensors.Mask(torch.from_numpy(value.astype(np.int64)))
+        else:
+            array = value[..., None] if value.ndim == 2 else value
+            chw = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)).astype(np.float32))
+            out[name] = tv_tensors.Image(chw)
+    return out
+
+
+class PairedAugment:
+    """Random resized crop + horizontal flip with one draw of parameters per sample, applied
+    identically to every modality (bilinear) and the label (nearest)."""
+
+    def __init__(
+        self,
+        size: Sequence[int],
+        scale: Sequence[float] = (0.5, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+    ):
+        self.transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(tuple(size), scale=tuple(scale), ratio=tuple(ratio), antialias=True),
+                v2.RandomHorizontalFlip(hflip),
+            ]
+        )
+
+    def __call__(self, sample: Sample) -> Sample:
+        return self.transform(sample)
+
+
+class Resize:
+    """Evaluation-time resize to a fixed size (labels nearest)."""
+
+    def __init__(self, size: Sequence[int]):
+        self.transform = v2.Resize(tuple(size), antialias=True)
+
+    def __call__(self, sample: Sample) -> Sample:
+        return self.transform(sample)
+
+
+class _EpochShare:
+    """Yield this rank-and-worker's share of a fixed-length epoch from an endless stream."""
+
+    def __init__(self, epoch_samples: int):
+        self.epoch_samples = epoch_samples
+
+    def __call__(self, source: Iterable[Sample]) -> Iterator[Sample]:
+        _, world_size, _, num_workers = wds.utils.pytorch_worker_info()
+        return islice(source, math.ceil(self.epoch_samples / (world_size * num_workers)))
+
+
+def train_stream(
+    urls: Sequence[str],
+    *,
+    epoch_samples: int,
+    transform: Transform | None = None,
+    shuffle_buffer: int = 256,
+    seed: int = 0,
+) -> wds.DataPipeline:
+    """Endless resampled stream cut to `epoch_samples` per epoch (summed over all ranks and
+    workers). Each rank/worker draws shards with its own seed derived from `seed`."""
+    stages: list[Any] = [
+        wds.ResampledShards(list(urls), seed=seed, deterministic=True),
+        wds.tarfile_to_samples(handler=_skip_broken_tar),
+        wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=seed),
+        _decoded,
+    ]
+    if transform is not None:
+        stages.append(_Map(transform))
+    stages.append(_EpochShare(epoch_samples))
+    return wds.DataPipeline(*stages)
+
+
+def eval_stream(urls: Sequence[str], *, transform: Transform | None = None) -> wds.DataPipeline:
+    """Every shard once, in order, split by node then by dataloader worker."""
+    _warn_if_too_few_shards(urls)
+    stages: list[Any] = [
+        wds.SimpleShardList(list(urls)),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=_skip_broken_tar),
+        _decoded,
+    ]
+    if transform is not None:
+        stages.append(_Map(transform))
+    return wds.DataPipeline(*stages)
+
+
+def _warn_if_too_few_shards(urls: Sequence[str]) -> None:
+    _, world_size, _, _ = wds.utils.pytorch_worker_info()
+    if len(urls) < world_size:
+        log.warning("%d shards for %d ranks: some ranks evaluate nothing; reshard with more "
+                    "shards (shard.min_shards_per_split)", len(urls), world_size)
+
+
+def collate(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Stack tensors of equal shape; keep keys and meta as lists."""
+    batch: dict[str, Any] = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[name] = torch.stack([torch.as_tensor(v) for v in values])
+        else:
+            batch[name] = values
+    return batch

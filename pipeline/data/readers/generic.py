@@ -1,0 +1,107 @@
+"""Generic layouts for users' own data: paired modalities by file name, or a plain folder of
+unlabeled images of one modality."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pipeline.data.readers.base import DatasetReader, index_by_stem, register_reader, sorted_records
+from pipeline.data.types import LABEL, Record, sample_key
+
+
+@register_reader("paired")
+class PairedReader(DatasetReader):
+    """`<root>/<split>/<modality>/<name>.<ext>`; files of one sample share `<name>`.
+
+    Labels are the `label` modality. `splits` maps split names to folders under `root`
+    (`.` for a root that holds the modality folders directly, as RoadScene does); by default
+    every sub-folder of `root` is a split. `modality_dirs` renames folders to modalities
+    (e.g. `{rgb: visible, thermal: infrared}`). A name missing from one modality folder
+    becomes a `missing_modality` skip. Class names, ignore index and palette are given
+    directly or by `classes_file`, a JSON file (path relative to `root`) with those keys.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        modalities: Sequence[str],
+        splits: Mapping[str, str] | None = None,
+        modality_dirs: Mapping[str, str] | None = None,
+        class_names: Sequence[str] | None = None,
+        ignore_index: int | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+        classes_file: str | None = None,
+        recursive: bool = False,
+    ):
+        super().__init__(root)
+        if classes_file is not None:
+            classes = _read_classes_file(self.root / classes_file)
+            class_names = class_names or classes.get("class_names")
+            ignore_index = ignore_index if ignore_index is not None else classes.get("ignore_index")
+            palette = palette or classes.get("palette")
+        self.modalities = tuple(m for m in modalities if m != LABEL)
+        self.modality_dirs = {m: m for m in (*self.modalities, LABEL)} | dict(modality_dirs or {})
+        if splits is None:
+            splits = {p.name: p.name for p in sorted(self.root.iterdir()) if p.is_dir()}
+        self.split_dirs = dict(splits)
+        self.class_names = tuple(class_names) if class_names else None
+        self.ignore_index = ignore_index
+        self.palette = tuple(tuple(c) for c in palette) if palette else None
+        self.recursive = recursive
+
+    def splits(self) -> list[str]:
+        return list(self.split_dirs)
+
+    def records(self, split: str) -> list[Record]:
+        split_root = self.root / self.split_dirs[split]
+        sources = list(self.modalities)
+        if (split_root / self.modality_dirs[LABEL]).is_dir():
+            sources.append(LABEL)
+        indices = {s: index_by_stem(split_root / self.modality_dirs[s], self.recursive) for s in sources}
+        names = sorted(set().union(*indices.values()))
+        return sorted_records(
+            Record(
+                key=sample_key(split, name),
+                files={s: indices[s][name] for s in sources if name in indices[s]},
+                meta={"split": split, "name": name},
+            )
+            for name in names
+        )
+
+
+def _read_classes_file(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"classes_file {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"classes_file {path} is not valid JSON: {err}") from err
+
+
+@register_reader("folder")
+class FolderReader(DatasetReader):
+    """Any nesting of image files of one modality, no labels: an unlabeled pool for Stage 1.
+
+    Accepts PNG/JPEG/TIFF/BMP at 8 or 16 bits with 1 or 3 channels. Every other file is
+    listed and then skipped as `not_an_image`, so stray files show up in the manifest.
+    """
+
+    def __init__(self, root: str | Path, modality: str, split: str = "unlabeled"):
+        super().__init__(root)
+        self.modalities = (modality,)
+        self.split = split
+
+    def splits(self) -> list[str]:
+        return [self.split]
+
+    def records(self, split: str) -> list[Record]:
+        if split != self.split:
+            raise KeyError(f"folder reader has only the split {self.split!r}, not {split!r}")
+        (modality,) = self.modalities
+        return sorted_records(
+            Record(key=sample_key(name), files={modality: path}, meta={"name": name})
+            for name, path in index_by_stem(self.root, recursive=True).items()
+        )
+

@@ -1,0 +1,254 @@
+"""Write a dataset as reproducible WebDataset shards plus a `manifest.json`.
+
+One tar member per modality (`rgb.png`, `thermal.png` kept 16-bit, `event.npy`, `label.png`,
+`json` for meta and source checksums). Tars are byte-reproducible (mtime 0, fixed owner,
+sorted keys, deterministic PNG encoding) so unchanged inputs keep their DVC hashes. Bad
+inputs are skipped and listed with a reason; a dataset with no valid sample is an error that
+names its folder. Everything is written to a temporary folder and renamed at the end, so an
+interrupted run never leaves half-written shards behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm.auto import tqdm
+
+from pipeline import __version__
+from pipeline.data.image_io import can_encode_png, encode_npy, encode_png
+from pipeline.data.readers.base import DatasetReader
+from pipeline.data.stats import ModalityStats
+from pipeline.data.types import LABEL, Record, Sample, SampleError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class NoValidSamplesError(RuntimeError):
+    """Raised when every input of a dataset was skipped: nothing to train on."""
+
+
+@dataclass(frozen=True)
+class PreparedSample:
+    """A loaded sample, its tar members, and the checksums of its source files."""
+
+    key: str
+    arrays: dict[str, np.ndarray]
+    members: dict[str, bytes]
+    sources: dict[str, dict[str, str]]
+
+
+def encode_members(sample: Sample, sources: dict[str, dict[str, str]]) -> dict[str, bytes]:
+    """Tar members of a sample: PNG for 8-bit and 16-bit single-channel maps, `.npy` otherwise."""
+    members: dict[str, bytes] = {}
+    for name, value in sample.items():
+        if isinstance(value, np.ndarray):
+            if can_encode_png(value):
+                members[f"{name}.png"] = encode_png(value)
+            else:
+                members[f"{name}.npy"] = encode_npy(value)
+    meta = {"key": sample["key"], "meta": sample.get("meta", {}), "sources": sources}
+    members["json"] = json.dumps(meta, sort_keys=True).encode()
+    return members
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare(reader: DatasetReader, record: Record) -> PreparedSample | SampleError:
+    """Load, validate and encode one record; runs in worker processes.
+
+    Returns the error instead of raising so the parent can list the skip with its reason.
+    """
+    sources = {
+        name: {"path": _relative(path, reader.root), "sha256": file_sha256(path)}
+        for name, path in record.files.items()
+        if path.is_file()
+    }
+    try:
+        sample = reader.load(record)
+        arrays = {k: v for k, v in sample.items() if isinstance(v, np.ndarray)}
+        if any(a.size == 0 for a in arrays.values()):
+            raise SampleError("empty_image", f"{record.key}: an image has zero pixels")
+        return PreparedSample(record.key, arrays, encode_members(sample, sources), sources)
+    except SampleError as err:
+        if err.path is None:
+            err.path = str(next(iter(record.files.values()), ""))
+        return err
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _prepared_stream(
+    reader: DatasetReader, records: Sequence[Record], workers: int
+) -> Iterator[PreparedSample | SampleError]:
+    """Prepared samples in record order (ordered `imap`, so output stays deterministic)."""
+    work = partial(prepare, reader)
+    if workers <= 0:
+        yield from map(work, records)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(work, records, chunksize=4)
+
+
+class _ShardSink:
+    """Writes `<split>-%06d.tar` files of at most `maxcount` samples, opened lazily so a split
+    whose samples were all skipped leaves no empty tar behind."""
+
+    def __init__(self, folder: Path, split: str, maxcount: int):
+        self.folder, self.split, self.maxcount = folder, split, maxcount
+        self.names: list[str] = []
+        self._writer: wds.TarWriter | None = None
+        self._count = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if self._writer is None or self._count >= self.maxcount:
+            self.close()
+            name = f"{self.split}-{len(self.names):06d}.tar"
+            self._writer = wds.TarWriter(
+                str(self.folder / name), user="xmodal", group="xmodal", mode=0o444, mtime=0
+            )
+            self.names.append(name)
+            self._count = 0
+        self._writer.write({"__key__": key, **members})
+        self._count += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def samples_per_shard(num_records: int, max_per_shard: int, min_shards: int) -> int:
+    """Shard size that gives at least `min_shards` shards (when there are enough samples),
+    so every rank and dataloader worker of an evaluation run gets a shard."""
+    shards = max(math.ceil(num_records / max_per_shard), min(min_shards, num_records), 1)
+    return max(1, math.ceil(num_records / shards))
+
+
+def shard_dataset(
+    reader: DatasetReader,
+    out_dir: Path | str,
+    *,
+    name: str,
+    max_samples_per_shard: int = 256,
+    min_shards_per_split: int = 8,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Shard every split of `reader` into `out_dir` and return the manifest written there."""
+    out_dir = Path(out_dir)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        manifest = _write_shards(
+            reader, tmp_dir, name, max_samples_per_shard, min_shards_per_split, workers, progress
+        )
+        (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_shards(
+    reader: DatasetReader,
+    folder: Path,
+    name: str,
+    max_per_shard: int,
+    min_shards: int,
+    workers: int,
+    progress: bool,
+) -> dict[str, Any]:
+    stats: dict[str, ModalityStats] = defaultdict(ModalityStats)
+    splits: dict[str, Any] = {}
+    skipped: list[dict[str, str]] = []
+    for split in reader.splits():
+        records = reader.records(split)
+        sink = _ShardSink(folder, split, samples_per_shard(len(records), max_per_shard, min_shards))
+        digest = hashlib.sha256()
+        class_pixels: Counter[int] = Counter()
+        written = 0
+        bar = tqdm(total=len(records), desc=f"shard {name}/{split}", unit="img", disable=not progress)
+        for result in _prepared_stream(reader, records, workers):
+            bar.update()
+            if isinstance(result, SampleError):
+                skipped.append(_skip_entry(split, result, reader.root))
+                continue
+            for source, info in sorted(result.sources.items()):
+                digest.update(f"{info['path']}\t{info['sha256']}\n".encode())
+            for modality, array in result.arrays.items():
+                if modality == LABEL:
+                    values, counts = np.unique(array, return_counts=True)
+                    class_pixels.update(dict(zip(values.tolist(), counts.tolist())))
+                else:
+                    stats[modality].update(array)
+            sink.write(result.key, result.members)
+            written += 1
+        bar.close()
+        sink.close()
+        splits[split] = {
+            "samples": written,
+            "skipped": sum(1 for s in skipped if s["split"] == split),
+            "shards": sink.names,
+            "sources_sha256": digest.hexdigest(),
+            "label_pixels": {str(k): v for k, v in sorted(class_pixels.items())} or None,
+        }
+    if not any(s["samples"] for s in splits.values()):
+        reasons = Counter(s["reason"] for s in skipped)
+        raise NoValidSamplesError(
+            f"no valid samples in {reader.root} ({name}): "
+            + (", ".join(f"{n} {r}" for r, n in reasons.items()) if reasons else "no input files found")
+        )
+    return {
+        "format_version": FORMAT_VERSION,
+        "xmodal_version": __version__,
+        "dataset": name,
+        **reader.info(),
+        "splits": splits,
+        "modalities": {m: stats[m].summary() for m in sorted(stats)},
+        "skipped": skipped,
+        "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+    }
+
+
+def _skip_entry(split: str, error: SampleError, root: Path) -> dict[str, str]:
+    path = _relative(Path(error.path), root) if error.path else ""
+    return {"split": split, "reason": error.reason, "file": path, "message": str(error)}
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap `new` into place of `target`; the old contents go only after the new are in place."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(shard_dir: Path | str) -> dict[str, Any]:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the shard stage for this dataset first")
+    return json.loads(path.read_text())

@@ -1,0 +1,1 @@
+"""Models: the backbone factory (and later LoRA, prompts, fusion, decoders)."""
