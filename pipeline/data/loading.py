@@ -71,15 +71,28 @@ def decode_sample(raw: dict[str, Any]) -> Sample | None:
 
 def _skip_broken_tar(err: Exception) -> bool:
     """WebDataset handler: log and continue past unreadable tars or tar members."""
-    SKIPPED["broken_tar"] += 1
+    SKIPPED["tar_error"] += 1
     log.warning("skipping unreadable shard data: %s", err)
     return True
 
 
-def _decoded(source: Iterable[dict[str, Any]]) -> Iterator[Sample]:
-    for raw in source:
-        sample = decode_sample(raw)
-        if sample is not None:
+class _Decode:
+    """Decode raw samples to tensors, skipping (and counting) broken or incomplete ones: a tar
+    cut short yields a sample without some members, which would otherwise crash a batch."""
+
+    def __init__(self, required: Sequence[str]):
+        self.required = tuple(required)
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[Sample]:
+        for raw in source:
+            sample = decode_sample(raw)
+            if sample is None:
+                continue
+            missing = [name for name in self.required if name not in sample]
+            if missing:
+                SKIPPED["incomplete_sample"] += 1
+                log.warning("skipping sample %s in %s: no %s", raw.get("__key__"), raw.get("__url__"), missing)
+                continue
             yield to_tensors(sample)
 
 
@@ -153,29 +166,43 @@ class _EpochShare:
         return islice(source, math.ceil(self.epoch_samples / (world_size * num_workers)))
 
 
+class TrainStream(wds.DataPipeline):
+    """A training pipeline with `set_epoch`: dataloader workers are rebuilt from a pickled copy
+    every epoch, so without it each epoch would replay the same shard draws and shuffle."""
+
+    def __init__(self, *stages: Any, shards: wds.ResampledShards, shuffle: wds.detshuffle):
+        super().__init__(*stages)
+        self._seeded = (shards, shuffle)
+
+    def set_epoch(self, epoch: int) -> None:
+        for stage in self._seeded:
+            stage.epoch = epoch - 1  # both stages increment before use
+
+
 def train_stream(
     urls: Sequence[str],
     *,
     epoch_samples: int,
     transform: Transform | None = None,
+    required: Sequence[str] = (),
     shuffle_buffer: int = 256,
     seed: int = 0,
-) -> wds.DataPipeline:
+) -> TrainStream:
     """Endless resampled stream cut to `epoch_samples` per epoch (summed over all ranks and
-    workers). Each rank/worker draws shards with its own seed derived from `seed`."""
-    stages: list[Any] = [
-        wds.ResampledShards(list(urls), seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=_skip_broken_tar),
-        wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=seed),
-        _decoded,
-    ]
+    workers). Each rank/worker draws shards with its own seed derived from `seed` and the epoch
+    (call `set_epoch` at every epoch start). Samples lacking a `required` member are skipped."""
+    shards = wds.ResampledShards(list(urls), seed=seed, deterministic=True)
+    shuffle = wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=seed)
+    stages: list[Any] = [shards, wds.tarfile_to_samples(handler=_skip_broken_tar), shuffle, _Decode(required)]
     if transform is not None:
         stages.append(_Map(transform))
     stages.append(_EpochShare(epoch_samples))
-    return wds.DataPipeline(*stages)
+    return TrainStream(*stages, shards=shards, shuffle=shuffle)
 
 
-def eval_stream(urls: Sequence[str], *, transform: Transform | None = None) -> wds.DataPipeline:
+def eval_stream(
+    urls: Sequence[str], *, transform: Transform | None = None, required: Sequence[str] = ()
+) -> wds.DataPipeline:
     """Every shard once, in order, split by node then by dataloader worker."""
     _warn_if_too_few_shards(urls)
     stages: list[Any] = [
@@ -183,7 +210,7 @@ def eval_stream(urls: Sequence[str], *, transform: Transform | None = None) -> w
         wds.split_by_node,
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=_skip_broken_tar),
-        _decoded,
+        _Decode(required),
     ]
     if transform is not None:
         stages.append(_Map(transform))

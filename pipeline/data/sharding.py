@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from pipeline import __version__
 from pipeline.data.image_io import can_encode_png, encode_npy, encode_png
 from pipeline.data.readers.base import DatasetReader
-from pipeline.data.stats import ModalityStats
+from pipeline.data.stats import ImageStats, ModalityStats, image_stats
 from pipeline.data.types import LABEL, Record, Sample, SampleError
 
 MANIFEST = "manifest.json"
@@ -42,12 +42,14 @@ class NoValidSamplesError(RuntimeError):
 
 @dataclass(frozen=True)
 class PreparedSample:
-    """A loaded sample, its tar members, and the checksums of its source files."""
+    """A sample ready to write: tar members, source checksums, and the statistics of its
+    images, all computed in the worker so the parent only writes and adds up."""
 
     key: str
-    arrays: dict[str, np.ndarray]
     members: dict[str, bytes]
     sources: dict[str, dict[str, str]]
+    stats: dict[str, ImageStats]
+    label_pixels: dict[int, int]
 
 
 def encode_members(sample: Sample, sources: dict[str, dict[str, str]]) -> dict[str, bytes]:
@@ -83,7 +85,12 @@ def prepare(reader: DatasetReader, record: Record) -> PreparedSample | SampleErr
         arrays = {k: v for k, v in sample.items() if isinstance(v, np.ndarray)}
         if any(a.size == 0 for a in arrays.values()):
             raise SampleError("empty_image", f"{record.key}: an image has zero pixels")
-        return PreparedSample(record.key, arrays, encode_members(sample, sources), sources)
+        label_pixels: dict[int, int] = {}
+        if LABEL in arrays:
+            counts = np.bincount(arrays[LABEL].ravel())
+            label_pixels = {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
+        stats = {name: image_stats(array) for name, array in arrays.items() if name != LABEL}
+        return PreparedSample(record.key, encode_members(sample, sources), sources, stats, label_pixels)
     except SampleError as err:
         if err.path is None:
             err.path = str(next(iter(record.files.values()), ""))
@@ -197,12 +204,9 @@ def _write_shards(
                 continue
             for source, info in sorted(result.sources.items()):
                 digest.update(f"{info['path']}\t{info['sha256']}\n".encode())
-            for modality, array in result.arrays.items():
-                if modality == LABEL:
-                    values, counts = np.unique(array, return_counts=True)
-                    class_pixels.update(dict(zip(values.tolist(), counts.tolist())))
-                else:
-                    stats[modality].update(array)
+            class_pixels.update(result.label_pixels)
+            for modality, image in result.stats.items():
+                stats[modality].add(image)
             sink.write(result.key, result.members)
             written += 1
         bar.close()
