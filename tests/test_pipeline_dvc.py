@@ -1,5 +1,6 @@
-"""The DVC DAG end to end, in a fresh git copy of the project: `dvc repro` runs the demo and its
-shards, a second `dvc repro` has nothing to do, and `dvc exp run -S` applies Hydra overrides."""
+"""The DVC DAG end to end, in a fresh git copy of the project, at the `smoke` preset's sizes:
+`dvc repro` runs demo -> shards -> PSST -> modality LoRAs, a second `dvc repro` has nothing to
+do, and `dvc exp run -S` applies Hydra overrides."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from peft import PeftModel
 
 from tests.conftest import REPO
 
-TINY_DEMO = {"image_size": [64, 64], "num_train": 6, "num_val": 3, "num_test": 3, "num_pool": 6}
 
 
 def run(cwd: Path, *args: str) -> str:
@@ -43,10 +43,11 @@ def project(tmp_path_factory) -> Path:
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
-    # `dvc exp run` recomposes params.yaml from conf/, so the tiny sizes go into conf/ itself
-    config = OmegaConf.load(root / "conf" / "config.yaml")
-    config.demo.update(TINY_DEMO)
-    OmegaConf.save(config, root / "conf" / "config.yaml")
+    # `dvc exp run` recomposes params.yaml from conf/, so the preset goes into conf/ itself
+    config = root / "conf" / "config.yaml"
+    text = config.read_text()
+    assert "  - experiment: null" in text
+    config.write_text(text.replace("  - experiment: null", "  - experiment: smoke"))
     run(root, "git", "init", "-q")
     run(root, sys.executable, "-m", "pipeline.cli", "compose")
     run(root, "git", "add", "-A")
@@ -63,7 +64,18 @@ def test_repro_then_nothing_to_do_then_experiment(project):
     assert manifest["modalities"]["thermal"]["dtype"] == "uint16"
     assert manifest["class_names"][4] == "person"
     pool = json.loads((project / "data/shards/demo_thermal_pool/manifest.json").read_text())
-    assert pool["splits"]["unlabeled"]["samples"] == 6
+    assert pool["splits"]["unlabeled"]["samples"] == 8
+    for modality in ("thermal", "depth"):
+        warmup = json.loads((project / f"metrics/psst/{modality}/warmup.json").read_text())
+        assert warmup["trained"] and warmup["is_random_init"]
+        assert (project / f"metrics/psst/{modality}/score_histogram.csv").is_file()
+        lora = project / "data" / "lora" / modality
+        provenance = json.loads((lora / "xmodal.json").read_text())
+        assert provenance["modality"]["name"] == modality and provenance["psst"]["mode"] == "full"
+        assert sorted(p.name for p in lora.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "xmodal.json"]
+    import timm
+
+    PeftModel.from_pretrained(timm.create_model("sam2_hiera_tiny"), str(project / "data/lora/thermal"))
 
     status = run(project, *dvc, "status")
     assert "up to date" in status
@@ -72,11 +84,13 @@ def test_repro_then_nothing_to_do_then_experiment(project):
 
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "demo outputs")
-    run(project, *dvc, "exp", "run", "-S", "demo.seed=7", "-n", "seed7")
+    ran = run(project, *dvc, "exp", "run", "-S", "psst.mode=mae", "-n", "mae-only")
+    assert "psst_warmup@thermal" in ran and "Running stage 'demo'" not in ran  # Stage 1 only
     shown = json.loads(run(project, *dvc, "exp", "show", "--json"))
     experiments = [exp for rev in shown for exp in (rev.get("experiments") or [])]
-    names = {exp.get("name") for exp in experiments}
-    assert "seed7" in names, shown
-    seed7 = next(e for e in experiments if e.get("name") == "seed7")
-    params = seed7["revs"][0]["data"]["params"]["params.yaml"]["data"]
-    assert params["demo"]["seed"] == 7 and params["demo"]["num_train"] == 6  # Hydra kept the rest
+    assert "mae-only" in {exp.get("name") for exp in experiments}, shown
+    data = next(e for e in experiments if e.get("name") == "mae-only")["revs"][0]["data"]
+    params = data["params"]["params.yaml"]["data"]
+    assert params["psst"]["mode"] == "mae" and params["demo"]["num_train"] == 6  # Hydra kept the rest
+    joint = data["metrics"]["metrics/psst/thermal/joint.json"]["data"]
+    assert joint["trained"] is False and joint["mode"] == "mae"

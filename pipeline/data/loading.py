@@ -13,7 +13,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -156,27 +156,48 @@ class Resize:
 
 
 class _EpochShare:
-    """Yield this rank-and-worker's share of a fixed-length epoch from an endless stream."""
+    """Yield this rank-and-worker's share of a fixed-length epoch from an endless stream,
+    skipping the batches a resumed run already trained on in this epoch."""
 
     def __init__(self, epoch_samples: int):
         self.epoch_samples = epoch_samples
+        self.batches_done = 0
+        self.batch_size = 1
 
     def __call__(self, source: Iterable[Sample]) -> Iterator[Sample]:
-        _, world_size, _, num_workers = wds.utils.pytorch_worker_info()
-        return islice(source, math.ceil(self.epoch_samples / (world_size * num_workers)))
+        _, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
+        share = math.ceil(self.epoch_samples / (world_size * num_workers))
+        # A DataLoader takes batches from its workers in turn: worker w made batches w, w+K, ...
+        done = max(0, math.ceil((self.batches_done - worker) / num_workers))
+        return islice(source, min(share, done * self.batch_size), share)
 
 
 class TrainStream(wds.DataPipeline):
     """A training pipeline with `set_epoch`: dataloader workers are rebuilt from a pickled copy
     every epoch, so without it each epoch would replay the same shard draws and shuffle."""
 
-    def __init__(self, *stages: Any, shards: wds.ResampledShards, shuffle: wds.detshuffle):
+    def __init__(self, *stages: Any, shards: wds.ResampledShards, shuffle: wds.detshuffle, share: _EpochShare):
         super().__init__(*stages)
         self._seeded = (shards, shuffle)
+        self._share = share
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, batches_done: int = 0, batch_size: int = 1) -> None:
+        """Seed the epoch's draws; a run resumed mid-epoch passes the batches it already did,
+        so it continues with the batches an uninterrupted run had left (with several
+        dataloader workers, in a different order: the loader restarts at worker 0)."""
         for stage in self._seeded:
             stage.epoch = epoch - 1  # both stages increment before use
+        self._share.batches_done, self._share.batch_size = batches_done, batch_size
+
+
+class _KeepKeys:
+    """Pass only samples whose key is in `keys` (before decoding, so the rest cost nothing)."""
+
+    def __init__(self, keys: Collection[str]):
+        self.keys = frozenset(keys)
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        return (raw for raw in source if raw["__key__"] in self.keys)
 
 
 def train_stream(
@@ -185,19 +206,25 @@ def train_stream(
     epoch_samples: int,
     transform: Transform | None = None,
     required: Sequence[str] = (),
+    keys: Collection[str] | None = None,
     shuffle_buffer: int = 256,
     seed: int = 0,
 ) -> TrainStream:
     """Endless resampled stream cut to `epoch_samples` per epoch (summed over all ranks and
     workers). Each rank/worker draws shards with its own seed derived from `seed` and the epoch
-    (call `set_epoch` at every epoch start). Samples lacking a `required` member are skipped."""
+    (call `set_epoch` at every epoch start). Samples lacking a `required` member are skipped;
+    with `keys`, only those samples are used (e.g. a selected subset)."""
     shards = wds.ResampledShards(list(urls), seed=seed, deterministic=True)
     shuffle = wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=seed)
-    stages: list[Any] = [shards, wds.tarfile_to_samples(handler=_skip_broken_tar), shuffle, _Decode(required)]
+    stages: list[Any] = [shards, wds.tarfile_to_samples(handler=_skip_broken_tar)]
+    if keys is not None:
+        stages.append(_KeepKeys(keys))
+    stages += [shuffle, _Decode(required)]
     if transform is not None:
         stages.append(_Map(transform))
-    stages.append(_EpochShare(epoch_samples))
-    return TrainStream(*stages, shards=shards, shuffle=shuffle)
+    share = _EpochShare(epoch_samples)
+    stages.append(share)
+    return TrainStream(*stages, shards=shards, shuffle=shuffle, share=share)
 
 
 def eval_stream(

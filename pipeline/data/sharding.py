@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from pipeline import __version__
+from pipeline.artifacts import atomic_dir, read_json, write_json
 from pipeline.data.image_io import can_encode_png, encode_npy, encode_png
 from pipeline.data.readers.base import DatasetReader
 from pipeline.data.stats import ImageStats, ModalityStats, image_stats
@@ -162,19 +162,11 @@ def shard_dataset(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Shard every split of `reader` into `out_dir` and return the manifest written there."""
-    out_dir = Path(out_dir)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir) as tmp_dir:
         manifest = _write_shards(
             reader, tmp_dir, name, max_samples_per_shard, min_shards_per_split, workers, progress
         )
-        (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        write_json(tmp_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -241,18 +233,5 @@ def _skip_entry(split: str, error: SampleError, root: Path) -> dict[str, str]:
     return {"split": split, "reason": error.reason, "file": path, "message": str(error)}
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap `new` into place of `target`; the old contents go only after the new are in place."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def read_manifest(shard_dir: Path | str) -> dict[str, Any]:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the shard stage for this dataset first")
-    return json.loads(path.read_text())
+    return read_json(Path(shard_dir) / MANIFEST)

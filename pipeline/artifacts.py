@@ -1,0 +1,97 @@
+"""Writing outputs so that nothing already written is lost or half-written.
+
+Every stage output goes into a temporary folder beside its destination and is swapped in only
+when complete; an interrupted run leaves the previous output (if any) untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@contextmanager
+def atomic_dir(target: Path | str) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces `target`, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """JSON file written to a temporary name first, then renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
+    return json.loads(path.read_text())
+
+
+def save_trainable(module: nn.Module, path: Path) -> None:
+    """The trainable tensors of `module` (by parameter name) as safetensors."""
+    tensors = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+    save_file(tensors, str(path))
+
+
+def load_trainable(module: nn.Module, path: Path) -> None:
+    """Load tensors saved by `save_trainable`; names and shapes must match exactly."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
+    tensors = load_file(str(path))
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, model has {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+
+
+@dataclass(frozen=True)
+class PhaseOutputs:
+    """Where a phase writes: its folder (a DVC output), and copies of its metrics and curve as
+    separate files for `dvc metrics` / `dvc plots` (DVC cannot declare files inside an output)."""
+
+    folder: Path
+    metrics: Path | None = None
+    plot: Path | None = None
+
+    def publish(self, metrics: Mapping[str, Any], plot_csv: str | None = None) -> None:
+        for path in (self.metrics, self.plot):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+        if self.metrics is not None:
+            write_json(self.metrics, metrics)
+        if self.plot is not None and plot_csv is not None:
+            tmp = self.plot.with_name(f".{self.plot.name}.tmp")
+            tmp.write_text(plot_csv)
+            tmp.replace(self.plot)

@@ -1,0 +1,1 @@
+"""Training: Lightning modules, data streams, trainers, callbacks."""

@@ -1,0 +1,85 @@
+"""Lightning callbacks shared by every training stage."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from pipeline.data.loading import TrainStream
+
+
+class SetStreamEpoch(Callback):
+    """Call `set_epoch` on the training stream at every epoch start.
+
+    Lightning only does this for samplers; our streams are iterable datasets whose dataloader
+    workers are rebuilt from a pickled copy each epoch, so without it every epoch would replay
+    the first epoch's shard draws. (The first epoch of a run, fresh or resumed, is set before
+    `fit`: Lightning creates its iterator before any hook runs.)
+    """
+
+    def __init__(self, stream: TrainStream):
+        self.stream = stream
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stream.set_epoch(trainer.current_epoch)
+
+
+class LossCurve(Callback):
+    """Collects the logged training losses per step for a `dvc plots` CSV.
+
+    The rows live in the callback's state, which Lightning stores in checkpoints, so a resumed
+    run keeps the curve of the steps before the interruption. Also measures training time.
+    """
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        self.rows: list[dict[str, float]] = []
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        metrics = trainer.callback_metrics
+        row = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+        row.update({k: round(float(metrics[k]), 6) for k in self.keys if k in metrics})
+        self.rows.append(row)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._add_elapsed()
+
+    def _add_elapsed(self) -> None:
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        self._add_elapsed()
+        return {"rows": self.rows, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
+        self.seconds = float(state_dict["seconds"])
+
+    def csv_text(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["step", "epoch", *self.keys], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return buffer.getvalue()
+
+    def first_and_last(self, key: str) -> tuple[float, float] | None:
+        """Mean of `key` over the first and the last 10% of steps (at least one step each):
+        a noise-robust start/end of the curve."""
+        values = [row[key] for row in self.rows if key in row]
+        if not values:
+            return None
+        n = max(1, len(values) // 10)
+        return sum(values[:n]) / n, sum(values[-n:]) / n

@@ -1,0 +1,290 @@
+"""The four PSST phases as plain functions of the composed parameters (what the stages call).
+
+    run_warmup  shards -> warmup/   trainable.safetensors, encoding.json, metrics.json, loss.csv
+    run_select  shards + warmup/ -> selection/   subset.json, scores.csv, histogram.csv, metrics.json
+    run_joint   shards + warmup/ + selection/ -> joint/   trainable.safetensors, teacher.safetensors, ...
+    run_export  shards + warmup/ + joint/ -> the modality LoRA artifact (peft folder + xmodal.json)
+
+`psst.mode` switches the ablations: `none` trains nothing (the exported LoRA is the identity),
+`mae` stops after the warm-up, `mae+dino` trains the joint phase without error weighting
+(alpha = 0), `full` is PSST. Every phase writes its folder atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pipeline.artifacts import PhaseOutputs, atomic_dir, load_trainable, read_json, save_trainable, write_json
+from pipeline.config import section
+from pipeline.data.loading import shard_urls
+from pipeline.data.modalities import ModalityEncoding, build_encoding
+from pipeline.data.sharding import MANIFEST, read_manifest
+from pipeline.methods.psst import MODES, HeadSettings, PSSTNetwork, reconstruction_scores, select_top_fraction
+from pipeline.models.backbone import create_backbone
+from pipeline.models.lora import LoraSettings, export_lora, lora_provenance
+from pipeline.training.callbacks import LossCurve, SetStreamEpoch
+from pipeline.training.psst_data import (
+    EncodeImage,
+    MultiCrop,
+    Normalization,
+    augmented_stream,
+    loader,
+    measure_normalization,
+    multicrop_stream,
+    scoring_stream,
+)
+from pipeline.training.psst_module import JointSettings, JointTraining, MAEWarmup, OptimSettings
+from pipeline.training.trainer import build_trainer, config_hash, resume_point, steps_per_epoch, world_size
+
+TRAINABLE = "trainable.safetensors"
+TEACHER = "teacher.safetensors"
+ENCODING = "encoding.json"
+
+
+def _mode(params: Mapping[str, Any]) -> str:
+    mode = section(params, "psst.mode")
+    if mode not in MODES:
+        raise ValueError(f"psst.mode: {mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def build_network(params: Mapping[str, Any], state: Path | None = None) -> PSSTNetwork:
+    """Backbone from `backbone`, LoRA/decoder/head from `psst`; optionally load trained tensors."""
+    psst = section(params, "psst")
+    L.seed_everything(psst["seed"], workers=True, verbose=False)
+    backbone = create_backbone(**section(params, "backbone"))
+    network = PSSTNetwork(backbone, LoraSettings.from_config(psst["lora"]), psst["decoder_dim"], HeadSettings(**psst["head"]))
+    if state is not None:
+        load_trainable(network, state)
+    return network
+
+
+def resolve_encoding(params: Mapping[str, Any], modality: str, shard_dir: Path) -> ModalityEncoding:
+    """The modality's encoding with dataset-dependent parameters taken from the manifest."""
+    config = section(params, f"modalities.{modality}")
+    stats = read_manifest(shard_dir)["modalities"].get(config["inputs"][0])
+    if stats is None:
+        raise ValueError(f"modalities.{modality}: {shard_dir / MANIFEST} has no {config['inputs'][0]!r} images")
+    return build_encoding(modality, config, stats)
+
+
+def load_encoder_input(warmup_dir: Path) -> EncodeImage:
+    """The encoding + normalisation fixed by the warm-up, reused by every later phase."""
+    saved = read_json(warmup_dir / ENCODING)
+    encoding = ModalityEncoding(**saved["encoding"])
+    return EncodeImage(encoding, Normalization(**{k: tuple(v) for k, v in saved["normalization"].items()}))
+
+
+def _pool_urls(params: Mapping[str, Any], modality: str, shard_dir: Path) -> list[str]:
+    return shard_urls(shard_dir, section(params, f"modalities.{modality}.split"))
+
+
+def _fit(module: L.LightningModule, stream, *, params: Mapping[str, Any], phase: str, modality: str,
+         epochs: int, batch_size: int, curve: LossCurve, run_dirs: Mapping[str, Path]) -> L.Trainer:
+    """Train `module` on `stream` with the configured trainer; resume an interrupted run."""
+    trainer_cfg = section(params, "trainer")
+    workers = section(params, "loader.num_workers")
+    tag = config_hash({"phase": phase, "modality": modality, "psst": params["psst"], "backbone": params["backbone"],
+                       "modality_cfg": params["modalities"][modality], "trainer": trainer_cfg})
+    checkpoint_dir = run_dirs["checkpoints"] / phase / modality
+    trainer = build_trainer(
+        trainer_cfg, params.get("logger"), max_epochs=epochs, run_name=f"{phase}-{modality}",
+        log_dir=run_dirs["logs"], checkpoint_dir=checkpoint_dir, tag=tag,
+        checkpoint_every_n_steps=section(params, "psst.checkpoint_every_n_steps"),
+        callbacks=[curve, SetStreamEpoch(stream)],
+    )
+    resume = resume_point(checkpoint_dir, tag)
+    if resume is not None:
+        stream.set_epoch(resume.epoch, batches_done=resume.batches_done, batch_size=batch_size)
+    trainer.fit(module, loader(stream, batch_size, workers), ckpt_path=resume.path if resume else None)
+    return trainer
+
+
+def _total_steps(params: Mapping[str, Any], phase_cfg: Mapping[str, Any], samples: int) -> int:
+    trainer_cfg = section(params, "trainer")
+    per_epoch = steps_per_epoch(samples, phase_cfg["batch_size"], world_size(trainer_cfg),
+                                section(params, "loader.num_workers"), trainer_cfg.get("accumulate_grad_batches", 1))
+    return phase_cfg["epochs"] * per_epoch
+
+
+def _training_metrics(trainer: L.Trainer, curve: LossCurve, batch_size: int, samples: int, keys: list[str]) -> dict:
+    metrics: dict[str, Any] = {
+        "trained": True,
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "effective_batch": batch_size * trainer.world_size * trainer.accumulate_grad_batches,
+        "train_seconds": round(curve.seconds, 2),
+        "images_per_second": round(trainer.current_epoch * samples / max(curve.seconds, 1e-9), 2),
+    }
+    for key in keys:
+        ends = curve.first_and_last(key)
+        if ends is not None:
+            metrics[f"{key}_start"], metrics[f"{key}_end"] = round(ends[0], 6), round(ends[1], 6)
+    return metrics
+
+
+def run_warmup(params: Mapping[str, Any], modality: str, shard_dir: Path, outputs: PhaseOutputs,
+               run_dirs: Mapping[str, Path], progress: bool = True) -> dict[str, Any]:
+    """MAE warm-up of LoRA + mask token + decoder on the modality's unlabeled pool."""
+    mode, psst = _mode(params), section(params, "psst")
+    encoding = resolve_encoding(params, modality, shard_dir)
+    urls = _pool_urls(params, modality, shard_dir)
+    normalization = measure_normalization(urls, encoding, psst["normalization_images"], progress)
+    network = build_network(params)
+    metrics: dict[str, Any] = {"phase": "warmup", "mode": mode, "trained": False, **network.backbone.provenance}
+    curve = LossCurve(["loss_mae"])
+    if mode != "none":
+        cfg = psst["warmup"]
+        stream = augmented_stream(urls, EncodeImage(encoding, normalization), image_size=psst["image_size"],
+                                  epoch_samples=cfg["samples_per_epoch"], seed=psst["seed"])
+        module = MAEWarmup(network, total_steps=_total_steps(params, cfg, cfg["samples_per_epoch"]),
+                           optim=OptimSettings(**cfg["optim"]), mask_ratio=psst["mask_ratio"],
+                           normalize_targets=psst["normalize_targets"], seed=psst["seed"])
+        trainer = _fit(module, stream, params=params, phase="warmup", modality=modality, epochs=cfg["epochs"],
+                       batch_size=cfg["batch_size"], curve=curve, run_dirs=run_dirs)
+        metrics.update(_training_metrics(trainer, curve, cfg["batch_size"], cfg["samples_per_epoch"], ["loss_mae"]))
+    with atomic_dir(outputs.folder) as tmp:
+        save_trainable(network, tmp / TRAINABLE)
+        write_json(tmp / ENCODING, {"encoding": vars(encoding), "normalization": normalization.to_dict()})
+        write_json(tmp / "metrics.json", metrics)
+    outputs.publish(metrics, curve.csv_text())
+    return metrics
+
+
+def shard_keys(urls: list[str]) -> list[str]:
+    """Sample keys of a set of shards, read from tar member names (no decoding)."""
+    keys: set[str] = set()
+    for url in urls:
+        with tarfile.open(url) as tar:
+            keys.update(name.split(".", 1)[0] for name in tar.getnames())
+    return sorted(keys)
+
+
+def run_select(params: Mapping[str, Any], modality: str, shard_dir: Path, warmup_dir: Path,
+               outputs: PhaseOutputs, progress: bool = True) -> dict[str, Any]:
+    """Score every pool image by its MAE reconstruction variance; keep the top fraction."""
+    mode, psst = _mode(params), section(params, "psst")
+    cfg = psst["select"]
+    urls = _pool_urls(params, modality, shard_dir)
+    scores: dict[str, float] = {}
+    if mode in ("none", "mae"):  # no joint phase follows: nothing to select for
+        selected = shard_keys(urls)
+        metrics: dict[str, Any] = {"mode": mode, "scored": False, "images": len(selected), "selected": len(selected)}
+    else:
+        network = build_network(params, warmup_dir / TRAINABLE).eval()
+        encode = load_encoder_input(warmup_dir)
+        generator = torch.Generator().manual_seed(psst["seed"])
+        batches = loader(scoring_stream(urls, encode, image_size=psst["image_size"]), cfg["batch_size"], 0)
+        for batch in tqdm(batches, desc=f"score {modality}", unit="batch", disable=not progress):
+            values = reconstruction_scores(network, batch["image"], num_masks=cfg["num_masks"],
+                                           mask_ratio=psst["mask_ratio"], score=cfg["score"],
+                                           normalize_targets=psst["normalize_targets"], generator=generator)
+            scores.update(zip(batch["key"], values.tolist()))
+        selected = select_top_fraction(scores, cfg["fraction"])
+        values = np.array(list(scores.values()))
+        metrics = {
+            "mode": mode, "scored": True, "score": cfg["score"], "images": len(scores), "selected": len(selected),
+            "fraction": cfg["fraction"], "threshold": round(min(scores[k] for k in selected), 6),
+            "score_min": round(float(values.min()), 6), "score_median": round(float(np.median(values)), 6),
+            "score_max": round(float(values.max()), 6),
+        }
+    chosen = set(selected)
+    with atomic_dir(outputs.folder) as tmp:
+        write_json(tmp / "subset.json", {"mode": mode, "scored": bool(scores), "selected": selected,
+                                         "scores": {k: round(v, 8) for k, v in sorted(scores.items())}})
+        rows = [f"{k},{scores[k]:.8g},{int(k in chosen)}" for k in sorted(scores)]
+        (tmp / "scores.csv").write_text("key,score,selected\n" + "".join(r + "\n" for r in rows))
+        write_json(tmp / "metrics.json", metrics)
+    outputs.publish(metrics, _histogram_csv(scores, chosen))
+    return metrics
+
+
+def _histogram_csv(scores: Mapping[str, float], chosen: set[str], bins: int = 20) -> str:
+    """Score histogram of all images and of the selected ones, for `dvc plots`."""
+    header = "score,images,selected\n"
+    if not scores:
+        return header
+    keys = sorted(scores)
+    values = np.array([scores[k] for k in keys])
+    picked = np.array([k in chosen for k in keys])
+    edges = np.histogram_bin_edges(values, bins=bins)
+    all_counts, _ = np.histogram(values, edges)
+    chosen_counts, _ = np.histogram(values[picked], edges)
+    centres = (edges[:-1] + edges[1:]) / 2
+    return header + "".join(f"{c:.6g},{a},{s}\n" for c, a, s in zip(centres, all_counts, chosen_counts))
+
+
+def run_joint(params: Mapping[str, Any], modality: str, shard_dir: Path, warmup_dir: Path, selection_dir: Path,
+              outputs: PhaseOutputs, run_dirs: Mapping[str, Path]) -> dict[str, Any]:
+    """MAE + DINO self-distillation on the selected subset (`mae+dino`: alpha = 0)."""
+    mode, psst = _mode(params), section(params, "psst")
+    network = build_network(params, warmup_dir / TRAINABLE)
+    metrics: dict[str, Any] = {"phase": "joint", "mode": mode, "trained": False}
+    curve = LossCurve(["loss", "loss_mae", "loss_image", "loss_patch"])
+    teacher_state = None
+    if mode in ("mae+dino", "full"):
+        cfg = psst["joint"]
+        selected = read_json(selection_dir / "subset.json")["selected"]
+        multicrop = MultiCrop(load_encoder_input(warmup_dir), global_size=psst["image_size"],
+                              local_size=cfg["local_size"], global_crops=cfg["global_crops"],
+                              local_crops=cfg["local_crops"], global_scale=cfg["global_scale"],
+                              local_scale=cfg["local_scale"])
+        samples = cfg["samples_per_epoch"]
+        stream = multicrop_stream(_pool_urls(params, modality, shard_dir), multicrop, epoch_samples=samples,
+                                  keys=selected, seed=psst["seed"])
+        joint = JointSettings(**{**cfg["loss"], "alpha": cfg["loss"]["alpha"] if mode == "full" else 0.0})
+        module = JointTraining(network, joint=joint, total_steps=_total_steps(params, cfg, samples),
+                               optim=OptimSettings(**cfg["optim"]), mask_ratio=psst["mask_ratio"],
+                               normalize_targets=psst["normalize_targets"], seed=psst["seed"])
+        trainer = _fit(module, stream, params=params, phase="joint", modality=modality, epochs=cfg["epochs"],
+                       batch_size=cfg["batch_size"], curve=curve, run_dirs=run_dirs)
+        metrics.update(_training_metrics(trainer, curve, cfg["batch_size"], samples, curve.keys))
+        metrics.update({"alpha": joint.alpha, "subset_size": len(selected)})
+        teacher_state = module.teacher.tensors()
+    with atomic_dir(outputs.folder) as tmp:
+        save_trainable(network, tmp / TRAINABLE)
+        if teacher_state is not None:
+            save_file({k: v.contiguous() for k, v in teacher_state.items()}, str(tmp / TEACHER))
+        write_json(tmp / "metrics.json", metrics)
+    outputs.publish(metrics, curve.csv_text())
+    return metrics
+
+
+def run_export(params: Mapping[str, Any], modality: str, shard_dir: Path, warmup_dir: Path, joint_dir: Path,
+               out_dir: Path) -> dict[str, Any]:
+    """Write the frozen, reusable modality LoRA with its provenance."""
+    mode, psst = _mode(params), section(params, "psst")
+    source = psst["export_from"]
+    if source not in ("student", "teacher"):
+        raise ValueError(f"psst.export_from: {source!r} is not student or teacher")
+    network = build_network(params, joint_dir / TRAINABLE)
+    if source == "teacher" and (joint_dir / TEACHER).is_file():
+        _load_tensors(network, joint_dir / TEACHER)
+    provenance = lora_provenance(
+        network.backbone, LoraSettings.from_config(psst["lora"]), network.peft,
+        modality={"name": modality, **read_json(warmup_dir / ENCODING),
+                  "dataset": section(params, f"modalities.{modality}.dataset")},
+        psst={"mode": mode, "exported_from": source, "config": dict(psst), "config_hash": config_hash(psst)},
+        shards={"manifest_sha256": hashlib.sha256((shard_dir / MANIFEST).read_bytes()).hexdigest()},
+        losses={"warmup": read_json(warmup_dir / "metrics.json"), "joint": read_json(joint_dir / "metrics.json")},
+    )
+    export_lora(network.peft, out_dir, provenance)
+    return provenance
+
+
+def _load_tensors(network: PSSTNetwork, path: Path) -> None:
+    """Overwrite some parameters (e.g. the teacher's EMA LoRA) by name."""
+    params = dict(network.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(str(path)).items():
+            params[name].copy_(tensor)
