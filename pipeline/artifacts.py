@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 
 @contextmanager
@@ -54,10 +54,21 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def trainable_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Trainable parameters, plus the persistent buffers of every module that has some (e.g. a
+    BatchNorm's running statistics): what training changes, and nothing of the frozen encoder."""
+    tensors = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    for prefix, sub in module.named_modules():
+        if any(p.requires_grad for p in sub.parameters(recurse=False)):
+            for name, buffer in sub.named_buffers(prefix=prefix, recurse=False):
+                if name.rsplit(".", 1)[-1] not in sub._non_persistent_buffers_set:
+                    tensors[name] = buffer
+    return tensors
+
+
 def save_trainable(module: nn.Module, path: Path) -> None:
-    """The trainable tensors of `module` (by parameter name) as safetensors."""
-    tensors = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
-    save_file(tensors, str(path))
+    """`trainable_tensors(module)` as safetensors."""
+    save_file({n: t.detach().cpu().contiguous() for n, t in trainable_tensors(module).items()}, str(path))
 
 
 def load_trainable(module: nn.Module, path: Path) -> None:
@@ -65,15 +76,15 @@ def load_trainable(module: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
     tensors = load_file(str(path))
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    expected = trainable_tensors(module)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, model has {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+            if expected[name].shape != tensor.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, model has {tuple(expected[name].shape)}")
+            expected[name].copy_(tensor)
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ def test_phases_write_their_outputs_and_the_export_loads_with_peft(params, pool,
     warmup = phases.run_warmup(params, "thermal", pool, PhaseOutputs(tmp_path / "warmup", tmp_path / "m" / "w.json",
                                                                      tmp_path / "m" / "w.csv"), run_dirs, progress=False)
     assert warmup["trained"] and warmup["steps"] == 2 and warmup["effective_batch"] == 4
+    assert warmup["probe_loss_mae_before"] > 0 and warmup["probe_loss_mae_after"] > 0
     assert read_json(tmp_path / "m" / "w.json") == warmup
     assert (tmp_path / "m" / "w.csv").read_text().splitlines()[0] == "step,epoch,loss_mae"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from itertools import islice
@@ -42,6 +43,15 @@ def shard_urls(shard_dir: Path | str, split: str) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"no shards for split {split!r} in {shard_dir}")
     return urls
+
+
+def shard_keys(urls: Sequence[str]) -> list[str]:
+    """Sample keys of a set of shards, read from tar member names (no decoding)."""
+    keys: set[str] = set()
+    for url in urls:
+        with tarfile.open(url) as tar:
+            keys.update(name.split(".", 1)[0] for name in tar.getnames())
+    return sorted(keys)
 
 
 def decode_sample(raw: dict[str, Any]) -> Sample | None:

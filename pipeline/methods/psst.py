@@ -184,6 +184,17 @@ def reconstruction_scores(
     return (((errors - mean[:, None]) ** 2) * masks).sum(1) / (count - 1).clamp_min(1)
 
 
+@torch.no_grad()
+def probe_loss(network: PSSTNetwork, images: Tensor, masks: Sequence[Tensor], normalize_targets: bool = True) -> float:
+    """MAE loss on a fixed set of images and masks: a noise-free before/after measure of the
+    warm-up (training losses move with every batch's content)."""
+    was_training = network.training
+    network.eval()
+    losses = [network.reconstruct(images, mask, normalize_targets)[0].item() for mask in masks]
+    network.train(was_training)
+    return sum(losses) / len(losses)
+
+
 def select_top_fraction(scores: Mapping[str, float], fraction: float) -> list[str]:
     """Keys of the ceil(fraction * n) highest scores (ties broken by key, so it is stable)."""
     if not 0.0 < fraction <= 1.0:

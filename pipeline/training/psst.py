@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import hashlib
-import tarfile
 from collections.abc import Mapping
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,22 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import PhaseOutputs, atomic_dir, load_trainable, read_json, save_trainable, write_json
 from pipeline.config import section
-from pipeline.data.loading import shard_urls
+from pipeline.data.loading import TrainStream, shard_keys, shard_urls
 from pipeline.data.modalities import ModalityEncoding, build_encoding
 from pipeline.data.sharding import MANIFEST, read_manifest
-from pipeline.methods.psst import MODES, HeadSettings, PSSTNetwork, reconstruction_scores, select_top_fraction
+from pipeline.methods.psst import (
+    MODES,
+    HeadSettings,
+    PSSTNetwork,
+    mask_grid,
+    probe_loss,
+    reconstruction_scores,
+    select_top_fraction,
+)
 from pipeline.models.backbone import create_backbone
 from pipeline.models.lora import LoraSettings, export_lora, lora_provenance
-from pipeline.training.callbacks import LossCurve, SetStreamEpoch
+from pipeline.models.masking import random_unit_mask
+from pipeline.training.callbacks import LossCurve
 from pipeline.training.psst_data import (
     EncodeImage,
     MultiCrop,
@@ -43,8 +52,9 @@ from pipeline.training.psst_data import (
     multicrop_stream,
     scoring_stream,
 )
-from pipeline.training.psst_module import JointSettings, JointTraining, MAEWarmup, OptimSettings
-from pipeline.training.trainer import build_trainer, config_hash, resume_point, steps_per_epoch, world_size
+from pipeline.training.optim import OptimSettings
+from pipeline.training.psst_module import JointSettings, JointTraining, MAEWarmup
+from pipeline.training.trainer import config_hash, fit_resumable, input_fingerprints, total_steps, training_metrics
 
 TRAINABLE = "trainable.safetensors"
 TEACHER = "teacher.safetensors"
@@ -89,48 +99,25 @@ def _pool_urls(params: Mapping[str, Any], modality: str, shard_dir: Path) -> lis
     return shard_urls(shard_dir, section(params, f"modalities.{modality}.split"))
 
 
-def _fit(module: L.LightningModule, stream, *, params: Mapping[str, Any], phase: str, modality: str,
-         epochs: int, batch_size: int, curve: LossCurve, run_dirs: Mapping[str, Path]) -> L.Trainer:
-    """Train `module` on `stream` with the configured trainer; resume an interrupted run."""
+def _fit(module: L.LightningModule, stream: TrainStream, *, params: Mapping[str, Any], phase: str, modality: str,
+         epochs: int, batch_size: int, curve: LossCurve, run_dirs: Mapping[str, Path], inputs: list[Path]) -> L.Trainer:
+    """Train `module` on `stream`; resume an interrupted run whose configuration and `inputs`
+    (files it started from) were the same."""
     trainer_cfg = section(params, "trainer")
-    workers = section(params, "loader.num_workers")
     tag = config_hash({"phase": phase, "modality": modality, "psst": params["psst"], "backbone": params["backbone"],
-                       "modality_cfg": params["modalities"][modality], "trainer": trainer_cfg})
-    checkpoint_dir = run_dirs["checkpoints"] / phase / modality
-    trainer = build_trainer(
-        trainer_cfg, params.get("logger"), max_epochs=epochs, run_name=f"{phase}-{modality}",
-        log_dir=run_dirs["logs"], checkpoint_dir=checkpoint_dir, tag=tag,
+                       "modality_cfg": params["modalities"][modality], "trainer": trainer_cfg,
+                       "inputs": input_fingerprints(inputs)})
+    return fit_resumable(
+        module, stream, loader(stream, batch_size, section(params, "loader.num_workers")),
+        trainer_cfg=trainer_cfg, logger_cfg=params.get("logger"), run_name=f"{phase}/{modality}",
+        run_dirs=run_dirs, tag=tag, epochs=epochs, batch_size=batch_size, curve=curve,
         checkpoint_every_n_steps=section(params, "psst.checkpoint_every_n_steps"),
-        callbacks=[curve, SetStreamEpoch(stream)],
     )
-    resume = resume_point(checkpoint_dir, tag)
-    if resume is not None:
-        stream.set_epoch(resume.epoch, batches_done=resume.batches_done, batch_size=batch_size)
-    trainer.fit(module, loader(stream, batch_size, workers), ckpt_path=resume.path if resume else None)
-    return trainer
 
 
 def _total_steps(params: Mapping[str, Any], phase_cfg: Mapping[str, Any], samples: int) -> int:
-    trainer_cfg = section(params, "trainer")
-    per_epoch = steps_per_epoch(samples, phase_cfg["batch_size"], world_size(trainer_cfg),
-                                section(params, "loader.num_workers"), trainer_cfg.get("accumulate_grad_batches", 1))
-    return phase_cfg["epochs"] * per_epoch
-
-
-def _training_metrics(trainer: L.Trainer, curve: LossCurve, batch_size: int, samples: int, keys: list[str]) -> dict:
-    metrics: dict[str, Any] = {
-        "trained": True,
-        "steps": trainer.global_step,
-        "epochs": trainer.current_epoch,
-        "effective_batch": batch_size * trainer.world_size * trainer.accumulate_grad_batches,
-        "train_seconds": round(curve.seconds, 2),
-        "images_per_second": round(trainer.current_epoch * samples / max(curve.seconds, 1e-9), 2),
-    }
-    for key in keys:
-        ends = curve.first_and_last(key)
-        if ends is not None:
-            metrics[f"{key}_start"], metrics[f"{key}_end"] = round(ends[0], 6), round(ends[1], 6)
-    return metrics
+    return total_steps(section(params, "trainer"), epochs=phase_cfg["epochs"], samples_per_epoch=samples,
+                       batch_size=phase_cfg["batch_size"], num_workers=section(params, "loader.num_workers"))
 
 
 def run_warmup(params: Mapping[str, Any], modality: str, shard_dir: Path, outputs: PhaseOutputs,
@@ -145,14 +132,19 @@ def run_warmup(params: Mapping[str, Any], modality: str, shard_dir: Path, output
     curve = LossCurve(["loss_mae"])
     if mode != "none":
         cfg = psst["warmup"]
-        stream = augmented_stream(urls, EncodeImage(encoding, normalization), image_size=psst["image_size"],
+        encode = EncodeImage(encoding, normalization)
+        probe = _probe(urls, encode, psst)
+        probe_before = probe_loss(network, *probe, normalize_targets=psst["normalize_targets"])
+        stream = augmented_stream(urls, encode, image_size=psst["image_size"],
                                   epoch_samples=cfg["samples_per_epoch"], seed=psst["seed"])
         module = MAEWarmup(network, total_steps=_total_steps(params, cfg, cfg["samples_per_epoch"]),
                            optim=OptimSettings(**cfg["optim"]), mask_ratio=psst["mask_ratio"],
                            normalize_targets=psst["normalize_targets"], seed=psst["seed"])
         trainer = _fit(module, stream, params=params, phase="warmup", modality=modality, epochs=cfg["epochs"],
-                       batch_size=cfg["batch_size"], curve=curve, run_dirs=run_dirs)
-        metrics.update(_training_metrics(trainer, curve, cfg["batch_size"], cfg["samples_per_epoch"], ["loss_mae"]))
+                       batch_size=cfg["batch_size"], curve=curve, run_dirs=run_dirs, inputs=[shard_dir / MANIFEST])
+        metrics.update(training_metrics(trainer, curve, cfg["batch_size"], cfg["samples_per_epoch"], ["loss_mae"]))
+        metrics["probe_loss_mae_before"] = round(probe_before, 6)
+        metrics["probe_loss_mae_after"] = round(probe_loss(network, *probe, normalize_targets=psst["normalize_targets"]), 6)
     with atomic_dir(outputs.folder) as tmp:
         save_trainable(network, tmp / TRAINABLE)
         write_json(tmp / ENCODING, {"encoding": vars(encoding), "normalization": normalization.to_dict()})
@@ -161,13 +153,14 @@ def run_warmup(params: Mapping[str, Any], modality: str, shard_dir: Path, output
     return metrics
 
 
-def shard_keys(urls: list[str]) -> list[str]:
-    """Sample keys of a set of shards, read from tar member names (no decoding)."""
-    keys: set[str] = set()
-    for url in urls:
-        with tarfile.open(url) as tar:
-            keys.update(name.split(".", 1)[0] for name in tar.getnames())
-    return sorted(keys)
+def _probe(urls: list[str], encode: EncodeImage, psst: Mapping[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The first `probe_images` pool images (resized) and `probe_masks` seeded masks."""
+    items = list(islice(scoring_stream(urls, encode, image_size=psst["image_size"]), psst["probe_images"]))
+    images = torch.stack([item["image"] for item in items])
+    generator = torch.Generator().manual_seed(psst["seed"] + 1)
+    masks = [random_unit_mask(len(images), mask_grid(psst["image_size"]), psst["mask_ratio"], generator)
+             for _ in range(psst["probe_masks"])]
+    return images, masks
 
 
 def run_select(params: Mapping[str, Any], modality: str, shard_dir: Path, warmup_dir: Path,
@@ -247,8 +240,9 @@ def run_joint(params: Mapping[str, Any], modality: str, shard_dir: Path, warmup_
                                optim=OptimSettings(**cfg["optim"]), mask_ratio=psst["mask_ratio"],
                                normalize_targets=psst["normalize_targets"], seed=psst["seed"])
         trainer = _fit(module, stream, params=params, phase="joint", modality=modality, epochs=cfg["epochs"],
-                       batch_size=cfg["batch_size"], curve=curve, run_dirs=run_dirs)
-        metrics.update(_training_metrics(trainer, curve, cfg["batch_size"], samples, curve.keys))
+                       batch_size=cfg["batch_size"], curve=curve, run_dirs=run_dirs,
+                       inputs=[shard_dir / MANIFEST, warmup_dir / TRAINABLE, selection_dir / "subset.json"])
+        metrics.update(training_metrics(trainer, curve, cfg["batch_size"], samples, curve.keys))
         metrics.update({"alpha": joint.alpha, "subset_size": len(selected)})
         teacher_state = module.teacher.tensors()
     with atomic_dir(outputs.folder) as tmp:

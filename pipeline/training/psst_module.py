@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from lightly.loss import DINOLoss
-from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
+from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor
 
 from pipeline.methods.psst import (
@@ -27,13 +27,7 @@ from pipeline.methods.psst import (
 )
 from pipeline.models.masking import random_unit_mask
 from pipeline.training.checkpointing import TrainableOnlyCheckpoint
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    lr: float = 1.5e-4
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.1  # share of steps with linear LR warm-up, then cosine decay
+from pipeline.training.optim import OptimSettings, configure_adamw
 
 
 @dataclass(frozen=True)
@@ -66,11 +60,7 @@ class _PSSTPhase(TrainableOnlyCheckpoint, L.LightningModule):
         return random_unit_mask(images.shape[0], mask_grid(images.shape[-2:]), self.mask_ratio, generator).to(images.device)
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
-        warmup = int(self.optim.warmup_fraction * self.total_steps)
-        scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=warmup, max_epochs=self.total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_adamw(self.parameters(), self.optim, self.total_steps)
 
 
 class MAEWarmup(_PSSTPhase):

@@ -22,6 +22,10 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from pipeline.data.loading import TrainStream
+from pipeline.training.callbacks import LossCurve, SetStreamEpoch
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +125,66 @@ def world_size(trainer_cfg: Mapping[str, Any]) -> int:
     elif isinstance(devices, (list, tuple)):
         devices = len(devices)
     return int(devices) * int(trainer_cfg.get("num_nodes", 1))
+
+
+def input_fingerprints(paths: Sequence[Path]) -> list[str]:
+    """sha256 of the files a run starts from: part of its resume tag, so a checkpoint written
+    before an upstream stage changed its output is not resumed."""
+    return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+
+
+def fit_resumable(
+    module: L.LightningModule,
+    stream: TrainStream,
+    loader: DataLoader,
+    *,
+    trainer_cfg: Mapping[str, Any],
+    logger_cfg: Mapping[str, Any] | None,
+    run_name: str,
+    run_dirs: Mapping[str, Path],
+    tag: str,
+    epochs: int,
+    batch_size: int,
+    curve: LossCurve,
+    checkpoint_every_n_steps: int,
+) -> L.Trainer:
+    """Train `module` on `loader` (over `stream`) with the configured trainer, resuming an
+    interrupted run of the same `tag` from `<checkpoints>/<run_name>/last.ckpt`."""
+    checkpoint_dir = run_dirs["checkpoints"] / run_name
+    trainer = build_trainer(
+        trainer_cfg, logger_cfg, max_epochs=epochs, run_name=run_name, log_dir=run_dirs["logs"],
+        checkpoint_dir=checkpoint_dir, tag=tag, checkpoint_every_n_steps=checkpoint_every_n_steps,
+        callbacks=[curve, SetStreamEpoch(stream)],
+    )
+    resume = resume_point(checkpoint_dir, tag)
+    if resume is not None:
+        stream.set_epoch(resume.epoch, batches_done=resume.batches_done, batch_size=batch_size)
+    trainer.fit(module, loader, ckpt_path=resume.path if resume else None)
+    return trainer
+
+
+def total_steps(trainer_cfg: Mapping[str, Any], *, epochs: int, samples_per_epoch: int, batch_size: int,
+                num_workers: int) -> int:
+    """Optimizer steps of a whole run (what the LR schedule spans)."""
+    per_epoch = steps_per_epoch(samples_per_epoch, batch_size, world_size(trainer_cfg), num_workers,
+                                trainer_cfg.get("accumulate_grad_batches", 1))
+    return epochs * per_epoch
+
+
+def training_metrics(trainer: L.Trainer, curve: LossCurve, batch_size: int, samples_per_epoch: int,
+                     keys: Sequence[str]) -> dict[str, Any]:
+    """What every training stage records: steps, effective batch, time, throughput, and the
+    start/end of each loss curve."""
+    metrics: dict[str, Any] = {
+        "trained": True,
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "effective_batch": batch_size * trainer.world_size * trainer.accumulate_grad_batches,
+        "train_seconds": round(curve.seconds, 2),
+        "images_per_second": round(trainer.current_epoch * samples_per_epoch / max(curve.seconds, 1e-9), 2),
+    }
+    for key in keys:
+        ends = curve.first_and_last(key)
+        if ends is not None:
+            metrics[f"{key}_start"], metrics[f"{key}_end"] = round(ends[0], 6), round(ends[1], 6)
+    return metrics
