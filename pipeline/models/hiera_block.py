@@ -1,0 +1,52 @@
+"""One SAM 2 Hiera block, re-run with seams for the parts that Stage-2 methods change.
+
+timm's `MultiScaleBlock.forward` (timm 1.0.31: padding to whole windows, window partition,
+shortcut projection and pooling at stage changes, layer scale, drop path, MLP) is copied here
+once, so that no backbone module has to be wrapped or renamed (their paths are the LoRA keys
+and the weights fingerprint). Three seams: `attend` replaces the attention call on the
+normalised (windowed) tokens, `after_attn` / `after_mlp` transform each branch's output before
+it joins the residual stream. Task prompts use the first, IV-tuning the other two; their tests
+check that with nothing changed this still equals `block(x)`, so a timm upgrade that changes
+the block fails there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from timm.models.hieradet_sam2 import MultiScaleBlock, _calc_pad, window_partition, window_unpartition
+from torch import Tensor
+
+Branch = Callable[[Tensor], Tensor]
+
+
+def hiera_block_forward(block: MultiScaleBlock, x: Tensor, *, attend: Branch | None = None,
+                        after_attn: Branch | None = None, after_mlp: Branch | None = None) -> Tensor:
+    """`block(x)` for tokens (B, H, W, C), with the given seams replaced."""
+    shortcut = x
+    x = block.norm1(x)
+    if block.dim != block.dim_out:
+        shortcut = block.proj(x)
+        if block.pool is not None:
+            shortcut = block.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    window_size = block.window_size
+    H, W = x.shape[1:3]
+    if block.is_windowed:
+        Hp, Wp, pad_h, pad_w = _calc_pad(H, W, window_size)
+        x = window_partition(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), window_size)
+
+    x = (attend or block.attn)(x)
+
+    if block.is_windowed:
+        if block.q_stride is not None:  # queries were pooled: smaller windows on a smaller grid
+            window_size = (window_size[0] // block.q_stride[0], window_size[1] // block.q_stride[1])
+            H, W = shortcut.shape[1:3]
+            Hp, Wp, _, _ = _calc_pad(H, W, window_size)
+        x = window_unpartition(x, window_size, (Hp, Wp))[:, :H, :W, :].contiguous()
+
+    attn_out = block.ls1(x)
+    x = shortcut + block.drop_path1(after_attn(attn_out) if after_attn else attn_out)
+    mlp_out = block.ls2(block.mlp(block.norm2(x)))
+    return x + block.drop_path2(after_mlp(mlp_out) if after_mlp else mlp_out)

@@ -1,0 +1,108 @@
+"""The all-MLP task heads and the Stage-2 task losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.decoders import AllMLPHead, SODHead, build_decoder
+from pipeline.models.task_losses import build_loss, segmentation_loss, sod_loss, soft_iou_loss
+
+CHANNELS = [4, 6, 8, 10]
+
+
+def features(batch: int = 2, size: int = 16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, c, size // 2**i, size // 2**i, generator=g) for i, c in enumerate(CHANNELS)]
+
+
+def test_heads_predict_at_stride_4_or_the_requested_size():
+    head = AllMLPHead(CHANNELS, num_classes=5, embed_dim=8)
+    assert head(features()).shape == (2, 5, 16, 16)
+    assert head(features(), out_size=(64, 48)).shape == (2, 5, 64, 48)
+    sod = build_decoder("sod", CHANNELS, 1, embed_dim=8)
+    assert isinstance(sod, SODHead) and sod(features(), (64, 64)).shape == (2, 1, 64, 64)
+    assert build_decoder("segmentation", CHANNELS, 3, embed_dim=8, dropout=0.0)(features()).shape == (
+        2,
+        3,
+        16,
+        16,
+    )
+    with pytest.raises(ValueError, match="one saliency channel"):
+        build_decoder("sod", CHANNELS, 2)
+    with pytest.raises(ValueError, match="segmentation, sod"):
+        build_decoder("depth", CHANNELS, 1)
+
+
+def test_head_matches_a_direct_computation_and_uses_every_scale():
+    torch.manual_seed(0)
+    head = AllMLPHead(CHANNELS, num_classes=3, embed_dim=8).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        head.fuse[1].running_mean.normal_()
+        head.fuse[1].running_var.uniform_(0.5, 2.0)
+    feats = features()
+    up = [
+        F.interpolate(F.conv2d(f, p.weight, p.bias), size=(16, 16), mode="bilinear", align_corners=False)
+        for p, f in zip(head.project, feats)
+    ]
+    fused = F.conv2d(torch.cat(up, dim=1), head.fuse[0].weight)
+    bn = head.fuse[1]
+    fused = F.relu(F.batch_norm(fused, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+    expected = F.conv2d(fused, head.classify.weight, head.classify.bias)
+    with torch.no_grad():
+        logits = head(feats)
+        torch.testing.assert_close(logits, expected)
+        torch.testing.assert_close(head(feats, (32, 32)), F.interpolate(expected, (32, 32), mode="bilinear"))
+        for i in range(len(CHANNELS)):
+            zeroed = [torch.zeros_like(f) if j == i else f for j, f in enumerate(feats)]
+            assert not torch.allclose(head(zeroed), logits)
+
+
+def test_segmentation_loss_is_cross_entropy_with_ignore_index():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, 5, generator=g)
+    target = torch.randint(0, 4, (2, 5, 5), generator=g)
+    target[0, :2] = 255
+    torch.testing.assert_close(
+        segmentation_loss(logits, target), F.cross_entropy(logits, target, ignore_index=255)
+    )
+    target = target.clamp_max(3)  # 0 is now the ignored class
+    expected = F.cross_entropy(logits, target, ignore_index=0)
+    torch.testing.assert_close(build_loss("segmentation", ignore_index=0)(logits, target), expected)
+    with pytest.raises(ValueError, match="segmentation, sod"):
+        build_loss("detection")
+
+
+def test_all_ignored_batch_gives_zero_and_a_finite_gradient():
+    logits = torch.randn(2, 4, 3, 3, requires_grad=True)
+    loss = segmentation_loss(logits, torch.full((2, 3, 3), 255))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_sod_loss_by_hand():
+    ln3 = math.log(3.0)
+    logits = torch.tensor(
+        [[[[0.0, ln3], [-ln3, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]]
+    )  # p: .5 .75 .25 .5 | all .5
+    target = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])  # (B, H, W) is accepted
+    # image 1: BCE = -(ln .5 + ln .75 + ln .75 + ln .5)/4; I = .5 + .75 = 1.25, U = 2 + 2 - 1.25 = 2.75
+    # image 2: BCE = ln 2; I = 0, U = 2, so the IoU term is 1
+    bce = (-(2 * math.log(0.5) + 2 * math.log(0.75)) / 4 + math.log(2.0)) / 2
+    iou = ((1 - 1.25 / 2.75) + 1.0) / 2
+    assert soft_iou_loss(logits, target).item() == pytest.approx(iou, abs=1e-6)
+    assert sod_loss(logits, target).item() == pytest.approx(bce + iou, abs=1e-6)
+    assert build_loss("sod")(logits, target.unsqueeze(1)).item() == pytest.approx(bce + iou, abs=1e-6)
+
+
+def test_perfect_saliency_has_near_zero_iou_term():
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, :, 2:6, 2:6] = 1.0  # the second image has no salient object
+    logits = 30.0 * (2 * target - 1)
+    assert soft_iou_loss(logits, target).item() < 1e-5
+    assert sod_loss(logits, target).item() < 1e-5
+    assert soft_iou_loss(-logits, target).item() == pytest.approx(1.0, abs=1e-5)

@@ -1,0 +1,203 @@
+"""TP-MoME and the simple per-scale fusions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.models.fusion import ConcatFusion, MeanFusion, MultiScaleFusion, TPMoME
+
+STREAMS = ("rgb", "thermal", "depth")
+C = 8
+
+
+def features(batch: int = 3, size: int = 8, streams=STREAMS, seed: int = 0, grad: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {s: torch.randn(batch, C, size, size, generator=g).requires_grad_(grad) for s in streams}
+
+
+def tp_mome(gating: str = "anchor", **kwargs) -> TPMoME:
+    """A TP-MoME whose zero-initialised layers are randomised, so every expert and the gate act."""
+    torch.manual_seed(0)
+    module = TPMoME(STREAMS, C, proj_dim=4, hidden_dim=8, gating=gating, **kwargs)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.normal_(std=0.5)
+    return module
+
+
+def expert_outputs(module: TPMoME, feats: dict) -> list[torch.Tensor]:
+    """Each expert's output as seen inside the module's forward, caught with forward hooks."""
+    caught = {}
+    hooks = [
+        e.register_forward_hook(lambda _m, _i, out, k=k: caught.__setitem__(k, out))
+        for k, e in enumerate(module.experts)
+    ]
+    module(feats)
+    for h in hooks:
+        h.remove()
+    return [caught[k] for k in range(len(module.experts))]
+
+
+@pytest.mark.parametrize("gating", ["anchor", "softmax", "mean"])
+def test_shapes_and_gate_names(gating):
+    module = TPMoME(STREAMS, C, out_channels=5, proj_dim=4, hidden_dim=8, gating=gating)
+    out = module(features())
+    assert out.shape == (3, 5, 8, 8)
+    names = STREAMS if gating == "anchor" else ("general", *STREAMS)
+    assert module.gate_names == names and module.last_gates.shape == (3, len(names))
+    assert TPMoME(["rgb"], C)(features(streams=["rgb"])).shape == (3, C, 8, 8)  # defaults, M = 1
+
+
+def test_modality_experts_see_only_their_modality():
+    module = tp_mome("softmax").eval()
+    base = expert_outputs(module, features())
+    for j, stream in enumerate(STREAMS):
+        perturbed = features()
+        perturbed[stream] = perturbed[stream] + torch.randn_like(perturbed[stream])
+        outs = expert_outputs(module, perturbed)
+        assert not torch.allclose(outs[0], base[0])  # the general expert sees all
+        for m in range(len(STREAMS)):
+            assert torch.equal(outs[1 + m], base[1 + m]) != (m == j)
+
+
+def test_expert_gradients_reach_only_their_stream():
+    module = tp_mome("anchor").eval()
+    feats = features(grad=True)
+    r_cat = module.concat([feats[s] for s in STREAMS], torch.ones(3, 3, dtype=torch.bool))
+    inputs = [feats[s] for s in STREAMS]
+    general = torch.autograd.grad(module.experts[0](r_cat).sum(), inputs, retain_graph=True)
+    assert all(g.abs().sum() > 0 for g in general)
+    for m in range(len(STREAMS)):
+        grads = torch.autograd.grad(
+            module.experts[1 + m](module.only(r_cat, m)).sum(), inputs, retain_graph=True
+        )
+        for j, g in enumerate(grads):
+            assert (g.abs().sum() > 0) if j == m else torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("gating", ["anchor", "softmax", "mean"])
+def test_output_is_the_documented_combination_of_experts(gating):
+    module = tp_mome(gating).eval()
+    feats = features()
+    outs = expert_outputs(module, feats)
+    out, beta = module(feats), module.last_gates
+    weighted = [
+        beta[:, k, None, None, None] * o for k, o in enumerate(outs[1:] if gating == "anchor" else outs)
+    ]
+    expected = outs[0] + sum(weighted) if gating == "anchor" else sum(weighted)
+    torch.testing.assert_close(out, expected)
+    if gating == "mean":
+        assert torch.equal(beta, torch.full((3, 4), 0.25))
+    else:  # a real gate: per-sample weights that differ between samples
+        assert not torch.allclose(beta[0], beta[1])
+
+
+def test_gates_are_distributions_over_present_experts():
+    present = torch.tensor([[True, True, True], [True, False, True], [False, False, True]])
+    for gating in ("anchor", "softmax", "mean"):
+        module = tp_mome(gating).eval()
+        module(features(), present)
+        beta = module.last_gates
+        assert (beta >= 0).all()
+        torch.testing.assert_close(beta.sum(dim=1), torch.ones(3))
+        modality = beta if gating == "anchor" else beta[:, 1:]
+        assert torch.equal(modality == 0, ~present)
+        if gating != "anchor":
+            assert (beta[:, 0] > 0).all()  # the general expert is always on
+
+
+def test_absent_streams_do_not_affect_their_samples():
+    module = tp_mome().eval()
+    present = torch.tensor([[True, False, True], [True, True, True], [True, True, True]])
+    feats = features()
+    changed = dict(feats, thermal=feats["thermal"] + 10.0)
+    out, out_changed = module(feats, present), module(changed, present)
+    assert torch.equal(out[0], out_changed[0]) and not torch.allclose(out[1], out_changed[1])
+    with pytest.raises(ValueError, match="at least one"):
+        module(feats, torch.tensor([[False] * 3, [True] * 3, [True] * 3]))
+    with pytest.raises(ValueError, match="shape"):
+        module(feats, torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(KeyError, match="depth"):
+        module({"rgb": feats["rgb"], "thermal": feats["thermal"]})
+
+
+def test_modality_dropout_keeps_a_stream_and_zeroes_dropped_experts():
+    torch.manual_seed(0)
+    module = tp_mome("softmax", modality_dropout=0.9).train()
+    present = torch.ones(64, 3, dtype=torch.bool)
+    present[:32, 0] = False
+    feats = features(batch=64, size=4, grad=True)
+    out = module(feats, present)
+    active = module.last_active
+    assert active.any(dim=1).all() and (active.sum(dim=1) < 3).any()
+    assert not (active & ~present).any()  # dropout never revives an absent stream
+    assert torch.equal(module.last_gates[:, 1:] == 0, ~active)
+    torch.testing.assert_close(module.last_gates.sum(dim=1), torch.ones(64))
+    rescued = active.sum(dim=1) == 1
+    assert set(active[rescued].float().argmax(dim=1).tolist()) == {0, 1, 2}  # the kept stream is random
+    grads = torch.autograd.grad(out.sum(), [feats[s] for s in STREAMS])
+    for m, g in enumerate(grads):  # a dropped stream reaches neither the experts nor the gate
+        assert torch.equal(g[~active[:, m]], torch.zeros_like(g[~active[:, m]]))
+
+    module.eval()
+    module(feats)
+    assert module.last_active.all()
+
+
+def test_mean_gating_has_no_gate_and_bad_options_fail():
+    module = TPMoME(STREAMS, C, gating="mean")
+    assert module.gate is None and not any("gate" in name for name, _ in module.named_parameters())
+    with pytest.raises(ValueError, match="anchor, softmax, mean"):
+        TPMoME(STREAMS, C, gating="top1")
+    with pytest.raises(ValueError, match="modality_dropout"):
+        TPMoME(STREAMS, C, modality_dropout=1.0)
+
+
+def test_anchor_starts_as_the_general_expert_with_uniform_gates():
+    module = TPMoME(STREAMS, C).eval()
+    feats = features()
+    out = module(feats)
+    torch.testing.assert_close(out, expert_outputs(module, feats)[0])
+    torch.testing.assert_close(module.last_gates, torch.full((3, 3), 1 / 3))
+
+
+def test_simple_fusions():
+    feats = features()
+    mean = MeanFusion(STREAMS)
+    torch.testing.assert_close(mean(feats), (feats["rgb"] + feats["thermal"] + feats["depth"]) / 3)
+    present = torch.tensor([[True, False, False], [True, True, True], [False, True, True]])
+    torch.testing.assert_close(mean(feats, present)[0], feats["rgb"][0])
+    concat = ConcatFusion(STREAMS, C, out_channels=4)
+    assert concat(feats).shape == (3, 4, 8, 8)
+    x = torch.cat([feats[s] for s in STREAMS], dim=1)
+    torch.testing.assert_close(concat(feats), nn.functional.conv2d(x, concat.mix.weight, concat.mix.bias))
+
+
+def test_multi_scale_fusion_kinds_and_stages():
+    channels = [4, 6, 8, 10]
+    feats = {s: [torch.randn(2, c, 16 // 2**i, 16 // 2**i) for i, c in enumerate(channels)] for s in STREAMS}
+    fusion = MultiScaleFusion(STREAMS, channels, stages=(1, 3), gating="softmax", proj_dim=2, hidden_dim=4)
+    out = fusion(feats)
+    assert [o.shape for o in out] == [f.shape for f in feats["rgb"]]
+    assert [type(f) for f in fusion.scales] == [MeanFusion, TPMoME, MeanFusion, TPMoME]
+    torch.testing.assert_close(out[0], sum(feats[s][0] for s in STREAMS) / 3)
+    assert sorted(fusion.last_gates) == [1, 3] and fusion.last_gates[1].shape == (2, 4)
+
+    single = {"rgb": feats["rgb"]}
+    for kind in ("tp_mome", "concat", "mean"):
+        outs = MultiScaleFusion(["rgb"], channels, kind=kind)(single)
+        assert [o.shape for o in outs] == [f.shape for f in single["rgb"]]
+    assert all(isinstance(f, ConcatFusion) for f in MultiScaleFusion(STREAMS, channels, kind="concat").scales)
+    assert sum(p.numel() for p in MultiScaleFusion(STREAMS, channels, kind="mean").parameters()) == 0
+
+    with pytest.raises(ValueError, match="tp_mome, concat, mean"):
+        MultiScaleFusion(STREAMS, channels, kind="sum")
+    with pytest.raises(ValueError, match="only apply"):
+        MultiScaleFusion(STREAMS, channels, kind="concat", gating="softmax")
+    with pytest.raises(ValueError, match="stages"):
+        MultiScaleFusion(STREAMS, channels, stages=(4,))
+    with pytest.raises(ValueError, match="maps"):
+        fusion({s: f[:3] for s, f in feats.items()})
