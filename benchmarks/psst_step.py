@@ -23,7 +23,8 @@ import torch
 from pipeline.methods.psst import HeadSettings, PSSTNetwork
 from pipeline.models.backbone import create_backbone
 from pipeline.models.lora import LoraSettings
-from pipeline.training.psst_module import JointSettings, JointTraining, OptimSettings
+from pipeline.training.optim import OptimSettings
+from pipeline.training.psst_module import JointSettings, JointTraining
 
 
 def build(args: argparse.Namespace, device: torch.device) -> JointTraining:

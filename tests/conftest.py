@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,3 +27,38 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("real images not found: set XMODAL_SHARED_DATA to the shared/data folder")
     return path
+
+
+class Interrupt(Exception):
+    """Stands in for a killed training run."""
+
+
+def crash_at_step(monkeypatch: pytest.MonkeyPatch, module_class: type, step: int) -> None:
+    """Make `module_class.training_step` raise `Interrupt` at global step `step` (undone by
+    `monkeypatch.undo()` or at the end of the test): a run killed mid-epoch after a checkpoint."""
+    original = module_class.training_step
+
+    def crash(self, batch, batch_idx):
+        if self.global_step == step:
+            raise Interrupt("killed")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_class, "training_step", crash)
+
+
+def record_steps(monkeypatch: pytest.MonkeyPatch, module_class: type) -> list[int]:
+    """The global step at every training batch `module_class` runs from now on."""
+    steps: list[int] = []
+    monkeypatch.setattr(module_class, "on_train_batch_start",
+                        lambda self, batch, idx: steps.append(self.global_step), raising=False)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """For modules of many small forwards: on 2 shared cores intra-op threading makes them ~10x
+    slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

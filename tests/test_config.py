@@ -48,3 +48,34 @@ def test_section_errors_name_the_missing_key():
     assert section(params, "datasets.demo.root") == "x"
     with pytest.raises(KeyError, match=r"'datasets.mfnet'.*have: \['demo'\]"):
         section(params, "datasets.mfnet")
+
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
+def test_every_preset_composes_to_a_consistent_dag(experiment):
+    """Each task names a known method and dataset, its streams are modalities (or rgb), and
+    each modality's pool is a dataset: what the DAG's `foreach` stages will look up."""
+    params = yaml.safe_load(compose_params([f"experiment={experiment}"] if experiment else [], REPO / "conf"))
+    for name, task in params["tasks"].items():
+        assert task["method"] in params["methods"], name
+        assert task["dataset"] in params["datasets"], name
+        assert set(task["streams"]) - {"rgb"} <= set(params["modalities"]), name
+        assert params["methods"][task["method"]]["name"] == task["method"]
+    for modality in params["modalities"].values():
+        assert modality["dataset"] in params["datasets"]
+
+
+def test_paper_presets_pick_their_papers_settings():
+    swin = yaml.safe_load(compose_params(["experiment=iv_tuning_mfnet_swin_l"], REPO / "conf"))
+    assert swin["backbone"]["name"] == "swin_large_patch4_window7_224"
+    assert swin["methods"]["iv_tuning"]["iv_tuning"] == {"d1": 8, "d2": 64, "d3": 8, "dropout": 0.1}
+    assert list(swin["tasks"]) == ["mfnet_rgbt_seg"] and swin["tasks"]["mfnet_rgbt_seg"]["method"] == "iv_tuning"
+    assert swin["tasks"]["mfnet_rgbt_seg"]["decoder"]["embed_dim"] == 256  # SegFormer-style head
+    eva = yaml.safe_load(compose_params(["experiment=iv_tuning_mfnet_eva02_l"], REPO / "conf"))
+    assert eva["backbone"]["name"].startswith("eva02_large")
+    sod = yaml.safe_load(compose_params(["experiment=iv_tuning_vt5000_swin_l"], REPO / "conf"))
+    assert sod["tasks"]["vt5000_rgbt_sod"]["head"] == "sod" and sod["datasets"]["vt5000"]["reader"] == "vt5000"
+    cola = yaml.safe_load(compose_params(["experiment=cola_mfnet"], REPO / "conf"))
+    assert cola["methods"]["cola"]["cola"] == {"rank": 16, "alpha": 16.0, "targets": ["q", "k", "v", "o", "fc1", "fc2"]}

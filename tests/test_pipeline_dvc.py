@@ -1,11 +1,14 @@
-"""The DVC DAG end to end, in a fresh git copy of the project, at the `smoke` preset's sizes:
-`dvc repro` runs demo -> shards -> PSST -> modality LoRAs, a second `dvc repro` has nothing to
-do, and `dvc exp run -S` applies Hydra overrides."""
+"""The DVC DAG end to end, in a fresh git copy of the project, at the `smoke` preset's sizes
+(without the method comparison, whose stages are the same as the tasks'): `dvc repro` runs
+demo -> shards -> PSST -> modality LoRAs -> finetune/evaluate per task -> report, a second
+`dvc repro` has nothing to do, and `dvc exp run -S` applies Hydra overrides: changing one
+task re-runs only that task, adding a task re-runs no Stage-1 stage."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +18,8 @@ import pytest
 from peft import PeftModel
 
 from tests.conftest import REPO
+
+TASKS = ("rgbt_seg", "rgb_seg", "rgbd_seg", "rgbtd_seg", "rgbt_sod")
 
 
 
@@ -46,8 +51,9 @@ def project(tmp_path_factory) -> Path:
     # `dvc exp run` recomposes params.yaml from conf/, so the preset goes into conf/ itself
     config = root / "conf" / "config.yaml"
     text = config.read_text()
-    assert "  - experiment: null" in text
-    config.write_text(text.replace("  - experiment: null", "  - experiment: smoke"))
+    assert "  - experiment: null" in text and "  - comparison: methods" in text
+    text = text.replace("  - experiment: null", "  - experiment: smoke")
+    config.write_text(text.replace("  - comparison: methods", "  - comparison: none"))
     run(root, "git", "init", "-q")
     run(root, sys.executable, "-m", "pipeline.cli", "compose")
     run(root, "git", "add", "-A")
@@ -82,15 +88,37 @@ def test_repro_then_nothing_to_do_then_experiment(project):
     again = run(project, *dvc, "repro")
     assert "didn't change, skipping" in again and "Running stage" not in again
 
+    for task in TASKS:
+        evaluation = json.loads((project / f"metrics/tasks/{task}/eval.json").read_text())
+        assert evaluation["protocol"]["split"] == "test" and set(evaluation["groups"]) == {"day", "dusk", "night"}
+        assert (project / f"data/tasks/{task}/model/task.json").is_file()
+    assert evaluation["head"] == "sod" and "s_measure" in evaluation["overall"]
+    report = (project / "reports" / "README.md").read_text()
+    assert all(f"| {task} |" in report for task in TASKS) and "random-initialised encoder" in report
+    shown = json.loads(run(project, *dvc, "metrics", "show", "--json"))
+    listed = json.dumps(shown)
+    assert all(f"metrics/tasks/{task}/eval.json" in listed for task in TASKS)
+
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "demo outputs")
-    ran = run(project, *dvc, "exp", "run", "-S", "psst.mode=mae", "-n", "mae-only")
-    assert "psst_warmup@thermal" in ran and "Running stage 'demo'" not in ran  # Stage 1 only
+    ran = run(project, *dvc, "exp", "run", "-S", "tasks.rgbt_seg.label_fraction=0.5", "-n", "half-labels")
+    assert stages_run(ran) == {"finetune@rgbt_seg", "evaluate@rgbt_seg", "report"}  # only that task
+    train = json.loads((project / "metrics/tasks/rgbt_seg/train.json").read_text())
+    assert train["labeled_images"] == 3 and train["label_fraction"] == 0.5
+
+    ran = run(project, *dvc, "exp", "run", "-S", "+task@tasks.extra=demo_rgbt_seg", "-n", "fifth-task")
+    assert stages_run(ran) == {"finetune@extra", "evaluate@extra", "report"}  # Stage 1 reused
+    assert "| extra |" in (project / "reports" / "README.md").read_text()
+
     shown = json.loads(run(project, *dvc, "exp", "show", "--json"))
-    experiments = [exp for rev in shown for exp in (rev.get("experiments") or [])]
-    assert "mae-only" in {exp.get("name") for exp in experiments}, shown
-    data = next(e for e in experiments if e.get("name") == "mae-only")["revs"][0]["data"]
+    experiments = {exp.get("name"): exp for rev in shown for exp in (rev.get("experiments") or [])}
+    assert {"half-labels", "fifth-task"} <= set(experiments), shown
+    data = experiments["half-labels"]["revs"][0]["data"]
     params = data["params"]["params.yaml"]["data"]
-    assert params["psst"]["mode"] == "mae" and params["demo"]["num_train"] == 6  # Hydra kept the rest
-    joint = data["metrics"]["metrics/psst/thermal/joint.json"]["data"]
-    assert joint["trained"] is False and joint["mode"] == "mae"
+    assert params["tasks"]["rgbt_seg"]["label_fraction"] == 0.5 and params["demo"]["num_train"] == 6  # Hydra kept the rest
+    assert "metrics/tasks/rgbt_seg/eval.json" in data["metrics"]
+
+
+def stages_run(output: str) -> set[str]:
+    """Stages DVC actually ran (not those restored from its run-cache)."""
+    return set(re.findall(r"Running stage '([^']+)'", output))

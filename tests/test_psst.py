@@ -20,7 +20,7 @@ from pipeline.models.lora import read_provenance
 from pipeline.models.masking import random_unit_mask
 from pipeline.training import psst as phases
 from pipeline.training.psst_module import MAEWarmup
-from tests.conftest import REPO
+from tests.conftest import REPO, Interrupt, crash_at_step, record_steps
 
 
 @pytest.fixture(scope="module")
@@ -169,31 +169,18 @@ def test_ablation_modes(params, pool, tmp_path, run_dirs, mode):
     assert all(bool((p == 0).all()) for p in b_weights) == (mode == "none")  # none: identity LoRA
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_interrupted_warmup_resumes_from_its_last_checkpoint(params, pool, tmp_path, run_dirs, monkeypatch):
     params["psst"]["warmup"].update(epochs=2, samples_per_epoch=8, batch_size=4)  # 4 steps in all
-    original = MAEWarmup.training_step
-
-    def crash_at_step_3(self, batch, batch_idx):
-        if self.global_step == 3:
-            raise Interrupt("killed")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(MAEWarmup, "training_step", crash_at_step_3)
+    crash_at_step(monkeypatch, MAEWarmup, 3)
     outputs = PhaseOutputs(tmp_path / "warmup", plot=tmp_path / "loss.csv")
     with pytest.raises(Interrupt):
         phases.run_warmup(params, "thermal", pool, outputs, run_dirs, progress=False)
     assert (run_dirs["checkpoints"] / "warmup" / "thermal" / "last.ckpt").is_file()
     assert not (tmp_path / "warmup").exists()  # nothing half-written
 
-    monkeypatch.setattr(MAEWarmup, "training_step", original)
-    steps_run = []
-    monkeypatch.setattr(MAEWarmup, "on_train_batch_start",
-                        lambda self, batch, idx: steps_run.append(self.global_step), raising=False)
+    monkeypatch.undo()
+    steps_run = record_steps(monkeypatch, MAEWarmup)
     metrics = phases.run_warmup(params, "thermal", pool, outputs, run_dirs, progress=False)
     assert steps_run == [3] and metrics["steps"] == 4  # resumed, not restarted
     rows = (tmp_path / "loss.csv").read_text().splitlines()[1:]

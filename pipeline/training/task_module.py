@@ -1,0 +1,33 @@
+"""The Lightning module of Stage-2 fine-tuning: one task model, its loss, AdamW on what trains."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch import Tensor
+
+from pipeline.methods.stage2 import TaskModel
+from pipeline.models.task_losses import build_loss
+from pipeline.training.task_data import SEGMENTATION
+from pipeline.training.checkpointing import TrainableOnlyCheckpoint
+from pipeline.training.optim import OptimSettings, configure_adamw
+
+
+class TaskTraining(TrainableOnlyCheckpoint, L.LightningModule):
+    """Checkpoints hold only trainable tensors (prompts, fusion, decoder, task adapters); the
+    frozen encoder and modality LoRAs come from their own files when a run is rebuilt."""
+
+    def __init__(self, model: TaskModel, *, head: str, ignore_index: int, total_steps: int, optim: OptimSettings):
+        super().__init__()
+        self.model = model
+        self.loss = build_loss(head, **({"ignore_index": ignore_index} if head == SEGMENTATION else {}))
+        self.total_steps = total_steps
+        self.optim = optim
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        logits = self.model({stream: batch[stream] for stream in self.model.streams})
+        loss = self.loss(logits, batch["target"])
+        self.log("loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        return configure_adamw(self.parameters(), self.optim, self.total_steps)

@@ -1,0 +1,257 @@
+"""Stage 2: what each method trains, streams with their own adapters, the label budget, and
+finetune -> evaluate -> predict on a tiny demo (with a resumed interruption).
+
+Random weights, sam2_hiera_tiny at 64 px and the `smoke` preset keep it fast on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipeline.artifacts import PhaseOutputs, read_json
+from pipeline.config import compose_params
+from pipeline.data.demo import generate_demo
+from pipeline.data.readers import build_reader
+from pipeline.data.sharding import shard_dataset
+from pipeline.methods.stage2 import MethodSettings, TaskModel
+from pipeline.models.backbone import create_backbone
+from pipeline.models.lora import IncompatibleLoraError, LoraSettings, add_lora, export_lora, load_lora, lora_provenance
+from pipeline.predict import predict_folder
+from pipeline.training.optim import OptimSettings
+from pipeline.training.task_data import TaskSample, label_subset, sample_group
+from pipeline.training.task_module import TaskTraining
+from pipeline.training.tasks import TRAINABLE, load_task_model, run_evaluate, run_finetune
+from tests.conftest import REPO, Interrupt, crash_at_step, record_steps
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def params() -> dict:
+    return yaml.safe_load(compose_params(["experiment=smoke"], REPO / "conf"))
+
+
+def make_lora(params: dict, out_dir: Path, seed: int = 0) -> Path:
+    """A non-identity modality LoRA artifact for `params`' backbone (B drawn at random)."""
+    backbone = create_backbone(**{**params["backbone"], "seed": seed})
+    settings = LoraSettings(rank=4, alpha=8.0)
+    peft = add_lora(backbone, settings)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    return export_lora(peft, out_dir, lora_provenance(backbone, settings, peft, modality={"name": "thermal"}))
+
+
+@pytest.fixture(scope="module")
+def lora_root(params, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lora")
+    make_lora(params, root / "thermal")
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """Shards and raw files of a tiny demo: 6 train, 3 test scenes (day, dusk, night) at 64 px."""
+    tmp = tmp_path_factory.mktemp("demo")
+    generate_demo(tmp / "raw", image_size=(SIZE, SIZE), num_train=6, num_val=0, num_test=3, num_pool=0,
+                  progress=False)
+    reader = build_reader({"reader": "paired", "root": str(tmp / "raw" / "paired"),
+                           "modalities": ["rgb", "thermal", "depth"], "classes_file": "../classes.json"})
+    shard_dataset(reader, tmp / "shards", name="demo", min_shards_per_split=2, progress=False)
+    return tmp
+
+
+def method(params: dict, name: str, **changes) -> MethodSettings:
+    return MethodSettings.from_config({**params["methods"][name], **changes})
+
+
+def build(params: dict, name: str, lora_root: Path | None = None, streams=("rgb", "thermal"), **changes) -> TaskModel:
+    backbone = create_backbone(**params["backbone"])
+    lora_dirs = {"thermal": lora_root / "thermal"} if lora_root else None
+    return TaskModel(backbone, list(streams), method(params, name, **changes), head="segmentation", num_classes=7,
+                     decoder={"embed_dim": 16}, lora_dirs=lora_dirs)
+
+
+def trainable_groups(model: TaskModel) -> set[str]:
+    """Which parts train: top-level module, with the encoder split into LoRA / base weights."""
+    groups = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            if name.startswith("backbone."):
+                groups.add("encoder_lora" if ".lora_" in name else "encoder")
+            else:
+                groups.add(name.split(".")[0])
+    return groups
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("tp_mome", {"prompts", "fusion", "decoder"}),
+        ("freeze", {"fusion", "decoder"}),
+        ("full", {"encoder", "fusion", "decoder"}),
+        ("lora", {"encoder_lora", "fusion", "decoder"}),
+        ("vpt", {"prompts", "fusion", "decoder"}),
+        ("iv_tuning", {"iv_tuning", "decoder"}),  # one prompted stream: nothing to fuse
+        ("cola", {"cola", "fusion", "decoder"}),
+    ],
+)
+def test_each_method_trains_exactly_its_parts_and_the_optimizer_sees_only_those(params, lora_root, name, expected):
+    model = build(params, name, lora_root if name == "tp_mome" else None)
+    assert trainable_groups(model) == expected
+    if name == "tp_mome":  # the PSST modality LoRA is loaded, and frozen
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        assert lora and not any(p.requires_grad for p in lora)
+    if name == "lora":  # one trainable task LoRA per stream
+        names = {n.split(".lora_")[1].split(".")[1] for n, p in model.named_parameters() if ".lora_A." in n}
+        assert names == {"task_rgb", "task_thermal"}
+    module = TaskTraining(model, head="segmentation", ignore_index=255, total_steps=4, optim=OptimSettings())
+    optimizer = module.configure_optimizers()["optimizer"]
+    optimised = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    assert optimised == model.parameter_counts()["trainable"]
+
+
+def test_streams_run_their_own_adapter_over_one_shared_encoder(params, lora_root):
+    model = build(params, "tp_mome", lora_root, prompts=0).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    plain = create_backbone(**params["backbone"]).eval()
+    with_lora = create_backbone(**params["backbone"])
+    load_lora(with_lora, lora_root / "thermal", "thermal")
+    with torch.no_grad():
+        rgb, thermal = model.encode("rgb", x), model.encode("thermal", x)
+        for a, b in zip(rgb, plain(x), strict=True):
+            torch.testing.assert_close(a, b)  # RGB: the plain encoder, no LoRA
+        for a, b in zip(thermal, with_lora.eval()(x), strict=True):
+            torch.testing.assert_close(a, b)  # thermal: its modality LoRA
+        assert not torch.allclose(rgb[-1], thermal[-1])
+    # one copy of the frozen encoder however many streams run
+    encoder = sum(p.numel() for n, p in model.named_parameters() if n.startswith("backbone.") and "lora_" not in n)
+    assert encoder == sum(p.numel() for p in plain.parameters())
+
+
+def test_a_lora_from_another_encoder_is_refused(params, tmp_path):
+    make_lora(params, tmp_path / "thermal", seed=1)  # other random weights: other fingerprint
+    with pytest.raises(IncompatibleLoraError, match="weights fingerprint"):
+        build(params, "tp_mome", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["iv_tuning", "cola"])
+def test_seed_methods_take_rgb_and_one_modality(params, name):
+    model = build(params, name).eval()
+    x, y = torch.randn(1, 3, SIZE, SIZE), torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert model({"rgb": x, "thermal": y}).shape == (1, 7, SIZE, SIZE)
+    with pytest.raises(ValueError, match="takes streams"):
+        build(params, name, streams=("thermal", "rgb"))
+
+
+def test_method_settings_are_checked(params):
+    with pytest.raises(ValueError, match="not one of"):
+        MethodSettings(name="magic")
+    with pytest.raises(ValueError, match="one adapter"):
+        method(params, "tp_mome", task_lora={"rank": 4})
+    with pytest.raises(ValueError, match="at most one"):
+        method(params, "cola", train_encoder=True)
+    with pytest.raises(ValueError, match="needs the modality LoRA"):
+        build(params, "tp_mome", None)
+
+
+def test_label_budget_is_a_seeded_subset():
+    keys = [f"k{i:02d}" for i in range(20)]
+    chosen = label_subset(keys, 0.2, seed=3)
+    assert len(chosen) == 4 and set(chosen) <= set(keys)
+    assert label_subset(list(reversed(keys)), 0.2, seed=3) == chosen  # order of discovery does not matter
+    assert label_subset(keys, 0.2, seed=4) != chosen
+    assert label_subset(keys, 0.01, seed=0) and label_subset(keys, 1.0, seed=0) == keys
+    with pytest.raises(ValueError, match="label_fraction"):
+        label_subset(keys, 0.0, seed=0)
+
+
+def test_sod_targets_and_groups():
+    sample = {"key": "test__night_00002", "meta": {"name": "night_00002"},
+              "label": torch.tensor([[0, 4], [5, 6]]), "rgb": torch.zeros(3, 2, 2)}
+    from pipeline.training.psst_data import EncodeImage
+    from pipeline.training.task_data import stream_encoding
+
+    encode = EncodeImage(stream_encoding("rgb", {}, {"modalities": {}}))
+    out = TaskSample({"rgb": encode}, head="sod", geometry=None, foreground=[4, 5])(sample)
+    assert out["target"].tolist() == [[0, 1], [1, 0]]
+    assert sample_group(sample["meta"], sample["key"], "^(?P<group>day|dusk|night)_") == "night"
+    assert sample_group({}, "test__x", "^(day|night)_") is None
+
+
+def tiny_task(params: dict, name: str = "rgbt_seg") -> dict:
+    params = copy.deepcopy(params)
+    params["tasks"][name]["train"].update(epochs=2, samples_per_epoch=4, batch_size=2)
+    return params
+
+
+@pytest.mark.slow
+def test_finetune_evaluate_predict(params, demo, lora_root, tmp_path):
+    params = tiny_task(params)
+    run_dirs = {"checkpoints": tmp_path / "ckpt", "logs": tmp_path / "logs"}
+    shards, model_dir = demo / "shards", tmp_path / "model"
+    metrics = run_finetune(params, "rgbt_seg", shards, lora_root, PhaseOutputs(model_dir, tmp_path / "train.json",
+                                                                                 tmp_path / "loss.csv"),
+                           run_dirs, progress=False)
+    assert metrics["steps"] == 4 and metrics["method"] == "tp_mome" and metrics["labeled_images"] == 6
+    assert 0 < metrics["parameters"]["trainable"] < metrics["parameters"]["total"]
+    assert read_json(tmp_path / "train.json") == metrics
+    assert len((tmp_path / "loss.csv").read_text().splitlines()) == 5
+
+    saved = load_file(str(model_dir / TRAINABLE))  # trainable tensors (and BN statistics) only
+    assert any(k.startswith("prompts.") for k in saved) and any(k.endswith("running_mean") for k in saved)
+    assert not any(k.startswith("backbone.") for k in saved)
+    assert sum(t.numel() for k, t in saved.items() if "running" not in k and "num_batches" not in k) == \
+        metrics["parameters"]["trainable"]
+
+    model, info, encoders = load_task_model(model_dir)
+    assert set(encoders) == {"rgb", "thermal"} and info["classes"]["names"][4] == "person"
+    reloaded = {k: v for k, v in load_task_model(model_dir)[0].state_dict().items()}
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reloaded[key])
+
+    evaluation = run_evaluate(params, "rgbt_seg", shards, model_dir, PhaseOutputs(tmp_path / "eval"), progress=False)
+    assert evaluation["protocol"]["split"] == "test" and evaluation["protocol"]["flip"] is False
+    assert set(evaluation["groups"]) == {"day", "dusk", "night"}
+    assert evaluation["overall"]["pixels"] == 3 * SIZE * SIZE
+    assert sum(g["pixels"] for g in evaluation["groups"].values()) == evaluation["overall"]["pixels"]
+    assert 0.0 <= evaluation["overall"]["miou"] <= 1.0
+    with Image.open(tmp_path / "eval" / "predictions.png") as figure:
+        assert figure.width > 4 * SIZE  # rgb, thermal, ground truth, prediction
+
+    summary = predict_folder(model_dir, {"reader": "paired", "root": str(demo / "raw" / "paired"),
+                                         "modalities": ["rgb", "thermal"]}, tmp_path / "pred", splits=["test"],
+                             progress=False)
+    assert summary["written"] == 3 and summary["skipped"] == {}
+    ids = np.array(Image.open(tmp_path / "pred" / "test__night_00002.png"))
+    assert ids.shape == (SIZE, SIZE) and ids.max() < 7
+    assert (tmp_path / "pred" / "test__night_00002_color.png").is_file()
+
+
+@pytest.mark.slow
+def test_interrupted_finetune_resumes_with_trainable_only_checkpoints(params, demo, lora_root, tmp_path, monkeypatch):
+    params = tiny_task(params)
+    run_dirs = {"checkpoints": tmp_path / "ckpt", "logs": tmp_path / "logs"}
+    crash_at_step(monkeypatch, TaskTraining, 3)
+    outputs = PhaseOutputs(tmp_path / "model")
+    with pytest.raises(Interrupt):
+        run_finetune(params, "rgbt_seg", demo / "shards", lora_root, outputs, run_dirs, progress=False)
+    checkpoint = run_dirs["checkpoints"] / "finetune" / "rgbt_seg" / "last.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert state and not any(".base_layer." in k or k.endswith("patch_embed.proj.weight") for k in state)
+    assert not (tmp_path / "model").exists()
+
+    monkeypatch.undo()
+    steps_run = record_steps(monkeypatch, TaskTraining)
+    metrics = run_finetune(params, "rgbt_seg", demo / "shards", lora_root, outputs, run_dirs, progress=False)
+    assert steps_run == [3] and metrics["steps"] == 4
