@@ -191,7 +191,7 @@ def test_sod_targets_and_groups():
 
 def tiny_task(params: dict, name: str = "rgbt_seg") -> dict:
     params = copy.deepcopy(params)
-    params["tasks"][name]["train"].update(epochs=2, samples_per_epoch=4, batch_size=2)
+    params["tasks"][name]["train"].update(epochs=2, samples_per_epoch=4, batch_size=2, checkpoint_every_n_steps=1)
     return params
 
 
