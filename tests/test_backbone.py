@@ -207,6 +207,18 @@ def test_unsupported_img_size_is_refused_at_creation(name, img_size):
         create_backbone(name, weights="random", img_size=img_size)
 
 
+def test_swin_built_for_a_non_square_size():
+    """MFNet-like H != W: Swin accepts [H, W] (as YAML gives it) and refuses the transpose."""
+    swin = create_backbone(SWIN, weights="random", img_size=[64, 96])
+    with torch.no_grad():
+        maps = swin(torch.randn(1, 3, 64, 96))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(64 // r, 96 // r) for r in (4, 8, 16, 32)]
+    with pytest.raises(ValueError, match=r"img_size=\[96, 64\]"):
+        swin(torch.randn(1, 3, 96, 64))
+    with pytest.raises(ValueError, match=r"img_size \(64, 100\) is not supported.*\[64, 96\]"):
+        create_backbone(SWIN, weights="random", img_size=[64, 100])
+
+
 # 4. provenance -----------------------------------------------------------------------------
 
 

@@ -69,7 +69,8 @@ def test_every_preset_composes_to_a_consistent_dag(experiment):
 
 def test_paper_presets_pick_their_papers_settings():
     swin = yaml.safe_load(compose_params(["experiment=iv_tuning_mfnet_swin_l"], REPO / "conf"))
-    assert swin["backbone"]["name"] == "swin_large_patch4_window7_224"
+    assert swin["backbone"]["name"] == "swin_large_patch4_window7_224" and swin["backbone"]["img_size"] == [480, 640]
+    assert swin["tasks"]["mfnet_rgbt_seg"]["eval"]["image_size"] is None  # MFNet's native 480x640
     assert swin["methods"]["iv_tuning"]["iv_tuning"] == {"d1": 8, "d2": 64, "d3": 8, "dropout": 0.1}
     assert list(swin["tasks"]) == ["mfnet_rgbt_seg"] and swin["tasks"]["mfnet_rgbt_seg"]["method"] == "iv_tuning"
     assert swin["tasks"]["mfnet_rgbt_seg"]["decoder"]["embed_dim"] == 256  # SegFormer-style head

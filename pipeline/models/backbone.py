@@ -20,7 +20,8 @@ Hiera takes any multiple of 32 (its window tiling needs the stride-4 grid to be 
 of 8); ViTs run with `dynamic_img_size=True` and take any size that is a multiple of both 32
 and the patch size (patch 16: multiples of 32; patch 14: multiples of 224, so DINOv2's
 default 518 is refused and its config uses 448); Swin builds attention masks for one size,
-`img_size` at creation (a multiple of 32), and accepts only that size.
+`img_size` at creation (a multiple of 32, or [H, W] for a non-square input such as MFNet's
+480x640), and accepts only that size.
 
 Token split (for SimMIM-style masking and prompt tokens). Hiera and Swin expose
 
@@ -69,6 +70,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 logger = logging.getLogger(__name__)
 
 REDUCTIONS = (4, 8, 16, 32)
+ImgSize = int | tuple[int, int]  # a square side, or (H, W)
 WEIGHTS_CHOICES = ("pretrained", "checkpoint", "random")
 
 SAM2_TRUNK_PREFIX = "image_encoder.trunk."
@@ -107,7 +109,7 @@ class Backbone(nn.Module):
     weights_fingerprint: str
     is_random_init: bool
 
-    def __init__(self, name: str, model: nn.Module, img_size: int | None, size_multiple: int):
+    def __init__(self, name: str, model: nn.Module, img_size: ImgSize | None, size_multiple: int):
         super().__init__()
         self.name = name
         self.model = model
@@ -174,7 +176,7 @@ class TokenBackbone(Backbone):
 class HieraBackbone(TokenBackbone):
     """SAM 2's HieraDet trunk (timm `hieradet_sam2`)."""
 
-    def __init__(self, name: str, model: hieradet_sam2.HieraDet, img_size: int | None):
+    def __init__(self, name: str, model: hieradet_sam2.HieraDet, img_size: ImgSize | None):
         super().__init__(name, model, img_size, size_multiple=32)
         model.prune_intermediate_layers(len(REDUCTIONS), prune_head=True)
         self.channels = _stage_channels(name, model.feature_info)
@@ -202,7 +204,7 @@ class HieraBackbone(TokenBackbone):
 class SwinBackbone(TokenBackbone):
     """Swin Transformer (timm `swin_transformer`); stage outputs are NHWC in timm."""
 
-    def __init__(self, name: str, model: swin_transformer.SwinTransformer, img_size: int | None):
+    def __init__(self, name: str, model: swin_transformer.SwinTransformer, img_size: ImgSize | None):
         super().__init__(name, model, img_size, size_multiple=32)
         model.prune_intermediate_layers(len(REDUCTIONS), prune_norm=True, prune_head=True)
         self.channels = _stage_channels(name, model.feature_info)
@@ -210,11 +212,12 @@ class SwinBackbone(TokenBackbone):
     def check_input(self, x: Tensor) -> None:
         super().check_input(x)
         built_for = tuple(self.model.patch_embed.img_size)
-        if not self.model.dynamic_img_size and tuple(x.shape[-2:]) != built_for:
+        h, w = x.shape[-2:]
+        if not self.model.dynamic_img_size and (h, w) != built_for:
             raise ValueError(
                 f"{self.name}: input size {x.shape[-2]}x{x.shape[-1]} differs from the size this "
                 f"Swin was built for, {built_for[0]}x{built_for[1]}; Swin precomputes attention "
-                f"masks per size, so create the backbone with img_size={x.shape[-1]}"
+                f"masks per size, so create the backbone with img_size={w if h == w else [h, w]}"
             )
 
     def embed_patches(self, x: Tensor) -> Tensor:
@@ -235,7 +238,7 @@ class SwinBackbone(TokenBackbone):
 class ViTBackbone(Backbone):
     """Plain ViT / DINOv2 / EVA02: four evenly spaced blocks, parameter-free simple pyramid."""
 
-    def __init__(self, name: str, model: nn.Module, img_size: int | None):
+    def __init__(self, name: str, model: nn.Module, img_size: ImgSize | None):
         patch = model.patch_embed.patch_size[0]
         super().__init__(name, model, img_size, size_multiple=math.lcm(REDUCTIONS[-1], patch))
         self.patch_size = patch
@@ -280,7 +283,7 @@ def create_backbone(
     *,
     weights: str,
     checkpoint: str | Path | None = None,
-    img_size: int | None = None,
+    img_size: ImgSize | None = None,
     seed: int = 0,
     **timm_kwargs: Any,
 ) -> Backbone:
@@ -288,8 +291,8 @@ def create_backbone(
 
     `weights` is required ("pretrained" | "checkpoint" | "random"); `checkpoint` is the file
     for "checkpoint" and must be None otherwise. `img_size` is the size a Swin is built for
-    and a ViT's position-embedding grid; for Hiera it is only checked and recorded (None: the
-    timm default). `seed` fixes the random initialisation (without touching the global RNG).
+    and a ViT's position-embedding grid, a side or [H, W]; for Hiera it is only checked and
+    recorded (None: the timm default). `seed` fixes the random initialisation (without touching the global RNG).
     `timm_kwargs` go to `timm.create_model` (e.g. `drop_path_rate`).
     """
     if weights not in WEIGHTS_CHOICES:
@@ -314,6 +317,7 @@ def create_backbone(
         )
     cls, filter_fn, family_kwargs = family
     if img_size is not None:  # the part of the check that needs no model: fail before the build
+        img_size = img_size if isinstance(img_size, int) else tuple(img_size)  # YAML gives lists
         _check_img_size(name, img_size, REDUCTIONS[-1])
     kwargs = {**family_kwargs, **timm_kwargs}
     if img_size is not None and cls is not HieraBackbone:  # HieraDet has no img_size argument
@@ -491,11 +495,13 @@ def compute_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _check_img_size(name: str, img_size: int, multiple: int) -> None:
-    if img_size <= 0 or img_size % multiple:
+def _check_img_size(name: str, img_size: ImgSize, multiple: int) -> None:
+    sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(sizes) != 2 or min(sizes) <= 0 or any(size % multiple for size in sizes):
+        example = [multiple * max(1, size // multiple) for size in sizes]
         raise ValueError(
             f"{name}: img_size {img_size} is not supported; it must be a positive multiple of "
-            f"{multiple}, e.g. {multiple * max(1, img_size // multiple)}"
+            f"{multiple} (or [H, W] of such), e.g. {example[0] if isinstance(img_size, int) else example}"
         )
 
 
