@@ -78,5 +78,6 @@ def test_paper_presets_pick_their_papers_settings():
     assert eva["backbone"]["name"].startswith("eva02_large")
     sod = yaml.safe_load(compose_params(["experiment=iv_tuning_vt5000_swin_l"], REPO / "conf"))
     assert sod["tasks"]["vt5000_rgbt_sod"]["head"] == "sod" and sod["datasets"]["vt5000"]["reader"] == "vt5000"
+    assert sod["tasks"]["vt5000_rgbt_sod"]["decoder"]["architecture"] == "progressive"  # CPNet-style
     cola = yaml.safe_load(compose_params(["experiment=cola_mfnet"], REPO / "conf"))
     assert cola["methods"]["cola"]["cola"] == {"rank": 16, "alpha": 16.0, "targets": ["q", "k", "v", "o", "fc1", "fc2"]}

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.decoders import AllMLPHead, SODHead, build_decoder
+from pipeline.models.decoders import AllMLPHead, ProgressiveSODHead, SODHead, build_decoder
 from pipeline.models.task_losses import build_loss, segmentation_loss, sod_loss, soft_iou_loss
 
 CHANNELS = [4, 6, 8, 10]
@@ -106,3 +106,66 @@ def test_perfect_saliency_has_near_zero_iou_term():
     assert soft_iou_loss(logits, target).item() < 1e-5
     assert sod_loss(logits, target).item() < 1e-5
     assert soft_iou_loss(-logits, target).item() == pytest.approx(1.0, abs=1e-5)
+
+
+PROGRESSIVE_CHANNELS = [8, 16, 32, 64]
+
+
+def pyramid(batch: int = 2, size: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, c, size // 2**i, size // 2**i, generator=g) for i, c in enumerate(PROGRESSIVE_CHANNELS)
+    ]
+
+
+def test_progressive_head_predicts_one_channel_at_stride_4_or_the_requested_size():
+    head = ProgressiveSODHead(PROGRESSIVE_CHANNELS, embed_dim=8)
+    assert head(pyramid()).shape == (2, 1, 16, 16)
+    assert head(pyramid(), out_size=(64, 48)).shape == (2, 1, 64, 48)
+    assert head(pyramid(batch=1, size=24)).shape == (1, 1, 24, 24)  # 24 -> 12 -> 6 -> 3
+    with pytest.raises(ValueError, match="expected 4 feature maps"):
+        head(pyramid()[:3])
+
+
+def test_progressive_head_uses_every_scale():
+    torch.manual_seed(0)
+    head = ProgressiveSODHead(PROGRESSIVE_CHANNELS, embed_dim=8).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics and shifts
+        for m in head.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.normal_()
+    feats = pyramid()
+    with torch.no_grad():
+        logits = head(feats)
+        for i in range(len(feats)):
+            zeroed = [torch.zeros_like(f) if j == i else f for j, f in enumerate(feats)]
+            assert not torch.allclose(head(zeroed), logits), f"scale {i} does not reach the output"
+
+
+def test_progressive_head_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    head = ProgressiveSODHead(PROGRESSIVE_CHANNELS, embed_dim=8, dropout=0.0).train()
+    feats = [f.requires_grad_() for f in pyramid()]
+    logits = head(feats, out_size=(32, 32))
+    (logits * torch.randn_like(logits)).sum().backward()  # random weights: no BN-cancelled constant
+    for name, p in head.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
+
+
+def test_build_decoder_chooses_the_architecture_apart_from_the_task():
+    cfg = {"embed_dim": 8, "dropout": 0.1}  # as from the YAML decoder block
+    head = build_decoder("sod", PROGRESSIVE_CHANNELS, 1, architecture="progressive", **cfg)
+    assert isinstance(head, ProgressiveSODHead) and head(pyramid()).shape == (2, 1, 16, 16)
+    assert isinstance(build_decoder("sod", PROGRESSIVE_CHANNELS, 1, **cfg), SODHead)
+    assert type(build_decoder("sod", PROGRESSIVE_CHANNELS, 1, architecture="all_mlp", **cfg)) is SODHead
+    seg = build_decoder("segmentation", PROGRESSIVE_CHANNELS, 3, architecture="all_mlp", **cfg)
+    assert type(seg) is AllMLPHead
+    with pytest.raises(ValueError, match="'progressive' is not available for 'segmentation'.*all_mlp"):
+        build_decoder("segmentation", PROGRESSIVE_CHANNELS, 3, architecture="progressive", **cfg)
+    with pytest.raises(ValueError, match="all_mlp, progressive"):
+        build_decoder("sod", PROGRESSIVE_CHANNELS, 1, architecture="unet")
+    with pytest.raises(ValueError, match="one saliency channel"):
+        build_decoder("sod", PROGRESSIVE_CHANNELS, 2, architecture="progressive")

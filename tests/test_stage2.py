@@ -154,6 +154,15 @@ def test_seed_methods_take_rgb_and_one_modality(params, name):
         build(params, name, streams=("thermal", "rgb"))
 
 
+def test_sod_task_with_the_progressive_decoder(params):
+    backbone = create_backbone(**params["backbone"])
+    model = TaskModel(backbone, ["rgb", "thermal"], method(params, "iv_tuning"), head="sod", num_classes=1,
+                      decoder={"architecture": "progressive", "embed_dim": 16}).eval()
+    with torch.no_grad():
+        assert model({"rgb": torch.randn(1, 3, SIZE, SIZE), "thermal": torch.randn(1, 3, SIZE, SIZE)}).shape == \
+            (1, 1, SIZE, SIZE)
+
+
 def test_method_settings_are_checked(params):
     with pytest.raises(ValueError, match="not one of"):
         MethodSettings(name="magic")

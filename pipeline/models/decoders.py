@@ -1,10 +1,14 @@
-"""Task decoders over the four fused feature maps: SegFormer's all-MLP head, for segmentation and SOD.
+"""Task decoders over the four fused feature maps: SegFormer's all-MLP head, for segmentation and SOD,
+and a CPNet-style progressive head for SOD.
 
 The all-MLP head (SegFormer) projects every scale to `embed_dim` with a linear layer (1x1
 conv), upsamples all of them to the finest (stride-4) grid, concatenates, fuses with a 1x1 conv
 + BatchNorm + ReLU, and predicts per-pixel logits. It is light and uses every scale alike,
 so the comparison between fusion methods is not decided by decoder capacity. Salient object
 detection is the same head with one output channel (a saliency logit).
+
+The decoder architecture is chosen apart from the task: `build_decoder(..., architecture=...)`
+takes "all_mlp" (the default, both tasks) or "progressive" (`ProgressiveSODHead`, SOD only).
 """
 
 from __future__ import annotations
@@ -50,15 +54,88 @@ class SODHead(AllMLPHead):
         super().__init__(in_channels, 1, embed_dim, dropout)
 
 
+def _conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),  # BN has the bias
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ProgressiveSODHead(nn.Module):
+    """CPNet-style progressive (coarse-to-fine) decoder with one saliency logit per pixel.
+
+    CPNet (Hu et al., "Cross-Modal Fusion and Progressive Decoding Network for RGB-D Salient
+    Object Detection") decodes top-down: the stride-32 map is filtered by a 3x3 conv + BN +
+    activation and upsampled x2, concatenated with the fused map of the next finer level,
+    filtered again by a 3x3 conv block (and a ConvNeXt-style block), and so on down to the
+    finest level, where a small conv head predicts the saliency map. Unlike the all-MLP head,
+    coarse context is passed on and refined step by step rather than merged in one shot.
+
+    Here: each level is first projected to `embed_dim` (1x1 conv + BN + ReLU); the coarsest is
+    filtered by a 3x3 conv block; then at each finer level the running map is bilinearly
+    upsampled to that level's grid (x2 for the usual pyramid), concatenated with its projection
+    and filtered by a 3x3 conv block (2*embed_dim -> embed_dim); at stride 4 a 3x3 conv after
+    channel dropout predicts the logit, upsampled to `out_size` if given.
+
+    Differences from CPNet, to keep the head small and comparable with `SODHead`:
+    - a constant width `embed_dim` at every level (CPNet halves 1024 -> 64 going finer);
+    - ReLU instead of GELU, `align_corners=False` upsampling like the all-MLP head;
+    - no ConvNeXt refinement blocks (CPNet's FA_Block) after each merge;
+    - the logit is predicted at stride 4 and upsampled bilinearly (CPNet upsamples the features
+      twice more, to stride 1, inside its prediction head);
+    - CPNet's deep supervision (extra 1-channel predictions from the three coarser decoder
+      stages, each trained with the loss) is left out: only the final map is returned;
+    - CPNet's cross-modal fusion (coordinate / spatial attention) is not part of the decoder;
+      fusion happens upstream, so this head sees one fused map per scale.
+    """
+
+    def __init__(self, in_channels: Sequence[int], embed_dim: int = 64, dropout: float = 0.1):
+        super().__init__()
+        if len(in_channels) < 2:
+            raise ValueError(f"progressive decoding needs at least two scales, got {len(in_channels)}")
+        self.project = nn.ModuleList(_conv_bn_relu(c, embed_dim, 1) for c in in_channels)
+        self.top = _conv_bn_relu(embed_dim, embed_dim, 3)
+        # merge[i] fuses the upsampled coarser map with level i (finest first); none for the coarsest.
+        self.merge = nn.ModuleList(_conv_bn_relu(2 * embed_dim, embed_dim, 3) for _ in in_channels[:-1])
+        self.dropout = nn.Dropout2d(dropout)
+        self.predict = nn.Conv2d(embed_dim, 1, kernel_size=3, padding=1)
+
+    def forward(self, features: Sequence[Tensor], out_size: tuple[int, int] | None = None) -> Tensor:
+        """Multi-scale maps, finest first -> saliency logits (B, 1, *grid of features[0] or out_size)."""
+        if len(features) != len(self.project):
+            raise ValueError(f"expected {len(self.project)} feature maps, got {len(features)}")
+        x = self.top(self.project[-1](features[-1]))
+        for i in range(len(features) - 2, -1, -1):
+            level = self.project[i](features[i])
+            x = F.interpolate(x, size=level.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.merge[i](torch.cat((x, level), dim=1))
+        logits = self.predict(self.dropout(x))
+        if out_size is not None:
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        return logits
+
+
 DECODERS = ("segmentation", "sod")
+ARCHITECTURES = {"segmentation": ("all_mlp",), "sod": ("all_mlp", "progressive")}
 
 
-def build_decoder(kind: str, in_channels: Sequence[int], num_classes: int, **kwargs) -> AllMLPHead:
-    """Decoder for a task; kwargs (embed_dim, dropout) go to the head."""
+def build_decoder(
+    kind: str, in_channels: Sequence[int], num_classes: int, *, architecture: str = "all_mlp", **kwargs
+) -> nn.Module:
+    """Decoder for a task; `architecture` picks the head ("all_mlp", or "progressive" for sod);
+    other kwargs (embed_dim, dropout) go to the head."""
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+    if architecture not in ARCHITECTURES[kind]:
+        raise ValueError(
+            f"decoder architecture {architecture!r} is not available for {kind!r}; "
+            f"choose one of {', '.join(ARCHITECTURES[kind])}"
+        )
     if kind == "segmentation":
         return AllMLPHead(in_channels, num_classes, **kwargs)
-    if kind == "sod":
-        if num_classes != 1:
-            raise ValueError(f"sod predicts one saliency channel, got num_classes={num_classes}")
-        return SODHead(in_channels, **kwargs)
-    raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+    if num_classes != 1:
+        raise ValueError(f"sod predicts one saliency channel, got num_classes={num_classes}")
+    if architecture == "progressive":
+        return ProgressiveSODHead(in_channels, **kwargs)
+    return SODHead(in_channels, **kwargs)
