@@ -17,21 +17,6 @@ from pipeline.training.psst_data import Normalization
 IGNORE_COLOUR = (0, 0, 0)
 
 
-def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """Distinct colours for datasets without a palette (PASCAL VOC's bit-interleaving scheme)."""
-    palette = []
-    for index in range(num_classes):
-        r = g = b = 0
-        value = index
-        for shift in range(7, -1, -1):
-            r |= ((value >> 0) & 1) << shift
-            g |= ((value >> 1) & 1) << shift
-            b |= ((value >> 2) & 1) << shift
-            value >>= 3
-        palette.append((r, g, b))
-    return palette
-
-
 def colorize(label: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int | None = None) -> np.ndarray:
     """Class map (H, W) -> RGB (H, W, 3) uint8; ignored or out-of-palette pixels are black."""
     table = np.zeros((256, 3), dtype=np.uint8)

@@ -164,9 +164,8 @@ class TaskModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and total parameters (frozen adapters and the encoder counted once)."""
-        params = {id(p): p for p in self.parameters()}.values()
-        return {"trainable": sum(p.numel() for p in params if p.requires_grad),
-                "total": sum(p.numel() for p in params)}
+        return {"trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "total": sum(p.numel() for p in self.parameters())}
 
 
 def _set_adapter_trainable(peft: PeftModel, adapter_name: str) -> None:

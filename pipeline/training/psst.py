@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from itertools import islice
 from pathlib import Path
@@ -28,7 +27,7 @@ from pipeline.artifacts import PhaseOutputs, atomic_dir, load_trainable, read_js
 from pipeline.config import section
 from pipeline.data.loading import TrainStream, shard_keys, shard_urls
 from pipeline.data.modalities import ModalityEncoding, build_encoding
-from pipeline.data.sharding import MANIFEST, read_manifest
+from pipeline.data.sharding import MANIFEST, file_sha256, read_manifest
 from pipeline.methods.psst import (
     MODES,
     HeadSettings,
@@ -269,7 +268,7 @@ def run_export(params: Mapping[str, Any], modality: str, shard_dir: Path, warmup
         modality={"name": modality, **read_json(warmup_dir / ENCODING),
                   "dataset": section(params, f"modalities.{modality}.dataset")},
         psst={"mode": mode, "exported_from": source, "config": dict(psst), "config_hash": config_hash(psst)},
-        shards={"manifest_sha256": hashlib.sha256((shard_dir / MANIFEST).read_bytes()).hexdigest()},
+        shards={"manifest_sha256": file_sha256(shard_dir / MANIFEST)},
         losses={"warmup": read_json(warmup_dir / "metrics.json"), "joint": read_json(joint_dir / "metrics.json")},
     )
     export_lora(network.peft, out_dir, provenance)

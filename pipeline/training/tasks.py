@@ -11,7 +11,6 @@ mean/std, the classes, and the modality LoRA folders with the sha256 of their we
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,8 @@ from pipeline.artifacts import PhaseOutputs, atomic_dir, load_trainable, read_js
 from pipeline.config import section
 from pipeline.data.loading import PairedAugment, Resize, shard_keys, shard_urls
 from pipeline.data.modalities import ModalityEncoding
-from pipeline.data.sharding import MANIFEST, read_manifest
+from pipeline.data.readers.base import voc_palette
+from pipeline.data.sharding import MANIFEST, file_sha256, read_manifest
 from pipeline.data.types import RGB
 from pipeline.methods.stage2 import MethodSettings, TaskModel
 from pipeline.metrics import SegmentationMetrics, SODMetrics
@@ -51,7 +51,7 @@ from pipeline.training.task_data import (
 )
 from pipeline.training.task_module import TaskTraining
 from pipeline.training.trainer import config_hash, fit_resumable, input_fingerprints, total_steps, training_metrics
-from pipeline.visualize import colorize, default_palette, image_grid, input_to_rgb, saliency_to_rgb
+from pipeline.visualize import colorize, image_grid, input_to_rgb, saliency_to_rgb
 
 TRAINABLE = "trainable.safetensors"
 TASK_INFO = "task.json"
@@ -71,7 +71,7 @@ def _classes(manifest: Mapping[str, Any], head: str) -> tuple[list[str], int, li
     if not names:
         raise ValueError(f"dataset {manifest.get('dataset')!r} has no class names: cannot train segmentation")
     ignore = manifest.get("ignore_index")
-    palette = manifest.get("palette") or default_palette(len(names))
+    palette = manifest.get("palette") or voc_palette(len(names), start=0)
     return list(names), 255 if ignore is None else int(ignore), palette
 
 
@@ -84,10 +84,6 @@ def _lora_dirs(streams: Sequence[str], method: MethodSettings, lora_root: Path) 
     if not method.modality_loras:
         return {}
     return {stream: lora_root / stream for stream in streams if stream != RGB}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_finetune(params: Mapping[str, Any], task: str, shard_dir: Path, lora_root: Path, outputs: PhaseOutputs,
@@ -121,8 +117,9 @@ def run_finetune(params: Mapping[str, Any], task: str, shard_dir: Path, lora_roo
     module = TaskTraining(model, head=cfg["head"], ignore_index=ignore_index, total_steps=steps,
                           optim=OptimSettings(**train["optim"]))
     lora_files = {stream: path / ADAPTER_WEIGHTS for stream, path in lora_dirs.items()}
+    manifest_sha256, *lora_sha256 = input_fingerprints([shard_dir / MANIFEST, *lora_files.values()])
     tag = config_hash({"task": cfg, "method": method.__dict__, "backbone": backbone_cfg, "trainer": trainer_cfg,
-                       "inputs": input_fingerprints([shard_dir / MANIFEST, *lora_files.values()])})
+                       "inputs": [manifest_sha256, *lora_sha256]})
     curve = LossCurve(["loss"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -146,8 +143,9 @@ def run_finetune(params: Mapping[str, Any], task: str, shard_dir: Path, lora_roo
         "classes": {"names": class_names, "ignore_index": ignore_index, "palette": palette},
         "encoders": {s: {"encoding": vars(e.encoding), "normalization": e.normalization.to_dict()}
                      for s, e in encoders.items()},
-        "modality_loras": {s: {"dir": str(path), "sha256": _sha256(lora_files[s])} for s, path in lora_dirs.items()},
-        "shards": {"dir": str(shard_dir), "manifest_sha256": _sha256(shard_dir / MANIFEST)},
+        "foreground_ids": foreground,
+        "modality_loras": {s: {"dir": str(path), "sha256": sha} for (s, path), sha in zip(lora_dirs.items(), lora_sha256)},
+        "shards": {"dir": str(shard_dir), "manifest_sha256": manifest_sha256},
         "label_keys": keys,
     }
     with atomic_dir(outputs.folder) as tmp:
@@ -176,7 +174,7 @@ def load_task_model(model_dir: Path) -> tuple[TaskModel, dict[str, Any], dict[st
     lora_dirs = {}
     for stream, record in info["modality_loras"].items():
         path = Path(record["dir"])
-        if _sha256(path / ADAPTER_WEIGHTS) != record["sha256"]:
+        if file_sha256(path / ADAPTER_WEIGHTS) != record["sha256"]:
             raise ValueError(f"{model_dir}: the {stream} modality LoRA in {path} changed since this model was trained")
         lora_dirs[stream] = path
     cfg = info["config"]
@@ -223,9 +221,7 @@ def run_evaluate(params: Mapping[str, Any], task: str, shard_dir: Path, model_di
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     geometry = Resize(eval_cfg["image_size"]) if eval_cfg.get("image_size") else None
-    transform = TaskSample(encoders, head=cfg["head"], geometry=geometry,
-                           foreground=foreground_ids(cfg.get("foreground_classes") or [],
-                                                     read_manifest(shard_dir).get("class_names")))
+    transform = TaskSample(encoders, head=cfg["head"], geometry=geometry, foreground=info["foreground_ids"])
     stream = task_eval_stream(shard_urls(shard_dir, eval_cfg["split"]), transform)
     overall = _new_metric(cfg["head"], classes).to(device)
     groups: dict[str, Metric] = defaultdict(lambda: _new_metric(cfg["head"], classes).to(device))

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from pipeline.data.loading import TrainStream
+from pipeline.data.sharding import file_sha256
 from pipeline.training.callbacks import LossCurve, SetStreamEpoch
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def world_size(trainer_cfg: Mapping[str, Any]) -> int:
 def input_fingerprints(paths: Sequence[Path]) -> list[str]:
     """sha256 of the files a run starts from: part of its resume tag, so a checkpoint written
     before an upstream stage changed its output is not resumed."""
-    return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+    return [file_sha256(Path(p)) for p in paths]
 
 
 def fit_resumable(
