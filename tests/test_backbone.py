@@ -154,6 +154,27 @@ def test_full_timm_state_dict_loads(family, save, request, tmp_path):
         assert torch.equal(got, want)
 
 
+def test_narrow_architecture_and_checkpoint_description_are_recorded(tmp_path):
+    """A safetensors checkpoint may say what it is (the demo foundation model does); the timm
+    arguments that shape the model are recorded, and rebuild it for plain timm/peft users."""
+    narrow = create_backbone(HIERA, weights="random", embed_dim=48, seed=3)
+    assert narrow.channels == [48, 96, 192, 384] and narrow.model_args == {"embed_dim": 48}
+    path = tmp_path / "foundation.safetensors"
+    safetensors.torch.save_file(narrow.model.state_dict(), path, metadata={"description": "demo foundation model"})
+    loaded = create_backbone(HIERA, weights="checkpoint", checkpoint=path, embed_dim=48)
+    assert loaded.weights_fingerprint == narrow.weights_fingerprint
+    assert (loaded.weights_description, loaded.is_random_init) == ("demo foundation model", False)
+    rebuilt = timm.create_model(HIERA, pretrained=False, num_classes=0, **loaded.provenance["model_args"])
+    missing, unexpected = rebuilt.load_state_dict(loaded.model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("head.") for k in missing)
+    with pytest.raises(ValueError, match="shape mismatches"):  # the file of the narrow model, the default width
+        create_backbone(HIERA, weights="checkpoint", checkpoint=path)
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file(narrow.model.state_dict(), plain)
+    described = create_backbone(HIERA, weights="checkpoint", checkpoint=plain, embed_dim=48).weights_description
+    assert described == "checkpoint plain.safetensors"
+
+
 # 3. four scales ----------------------------------------------------------------------------
 
 
@@ -240,8 +261,10 @@ def test_random_init_is_seeded_recorded_and_warned(hiera, caplog):
     assert again.weights_fingerprint == hiera.weights_fingerprint  # same seed, same weights
     assert again.provenance == {
         "backbone": HIERA,
+        "model_args": {},
         "weights": "random",
         "weights_source": "random-init(seed=1)",
+        "weights_description": "random initialisation",
         "weights_fingerprint": hiera.weights_fingerprint,
         "is_random_init": True,
     }

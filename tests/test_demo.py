@@ -91,7 +91,8 @@ def test_layout_names_and_classes_json(dataset):
     assert info["ignore_index"] == 255
     assert info["thermal_units"] == "centikelvin" and info["depth_units"] == "millimetres"
     assert info["image_size"] == [64, 64] and info["seed"] == 0
-    assert info["counts"] == {"train": 3, "val": 2, "test": 3, "pool_thermal": 2, "pool_depth": 2}
+    assert info["counts"] == {"train": 3, "val": 2, "test": 3, "pool_thermal": 2, "pool_depth": 2,
+                              "foundation_train": 0, "foundation_val": 0}
 
 
 def test_files_decode_with_their_dtypes(dataset):
@@ -155,6 +156,29 @@ def test_resizing_one_split_leaves_the_others_unchanged(tmp_path):
     # the pools are scenes of their own, not copies of labeled ones
     pool, train = (tmp_path / "large" / p / "thermal/day_00000.png" for p in ("pool", "paired/train"))
     assert pool.read_bytes() != train.read_bytes()
+
+
+def test_foundation_corpus_is_rgb_only_mostly_daylight_and_its_own(tmp_path):
+    corpus = {"seed": 1, "num_train": 60, "num_val": 3, "conditions": {"day": 0.7, "dusk": 0.2, "night": 0.1}}
+    args = dict(TINY, num_train=1, num_val=0, num_test=0, num_pool=1)
+    info = generate_demo(tmp_path / "a", **args, foundation=corpus)
+    root = tmp_path / "a" / "foundation"
+    assert sorted(p.name for p in root.iterdir()) == ["train", "val"]
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["label", "rgb"]  # no thermal, no depth
+    names = sorted(p.stem for p in (root / "train" / "rgb").iterdir())
+    assert len(names) == 60 and names == sorted(p.stem for p in (root / "train" / "label").iterdir())
+    conditions = [name.split("_")[0] for name in names]
+    assert conditions.count("day") > 30 and conditions.count("night") < 15  # drawn 70 / 20 / 10
+    assert info["foundation_seed"] == 1 and info["counts"]["foundation_train"] == 60
+    # the corpus has a seed of its own: changing it changes no task split or pool, and vice versa
+    generate_demo(tmp_path / "b", **args, foundation={**corpus, "seed": 2})
+    generate_demo(tmp_path / "c", **{**args, "seed": 5}, foundation=corpus)
+    assert tree_digest(tmp_path / "a" / "paired") == tree_digest(tmp_path / "b" / "paired")
+    assert tree_digest(tmp_path / "a" / "pool") == tree_digest(tmp_path / "b" / "pool")
+    assert tree_digest(root) != tree_digest(tmp_path / "b" / "foundation")
+    assert tree_digest(root) == tree_digest(tmp_path / "c" / "foundation")
+    with pytest.raises(ValueError, match="summing to 1"):
+        generate_demo(tmp_path / "d", **args, foundation={**corpus, "conditions": {"day": 0.5, "noon": 0.5}})
 
 
 @pytest.mark.parametrize("size", [(100, 128), (64, 48), (0, 64), (-32, 64)])

@@ -20,8 +20,13 @@ Some objects are camouflaged: their colour copies what is behind them (a grey ca
 grey facade, a person dressed like the hedge), so only depth and thermal separate them.
 
 `generate_demo` writes the generic paired layout (`paired/<split>/<modality>/<name>.png`) plus
-unlabeled thermal and depth pools; `render_scene` returns one scene's arrays for tests.
-Labels are train ids 0..6 and cover every pixel, so the ignore index 255 is never used.
+unlabeled thermal and depth pools, and optionally the *foundation corpus*
+(`foundation/<split>/{rgb,label}/`): RGB-only scenes, biased to daylight as web photographs
+are, drawn from random streams of their own seed that no task split or pool shares. The
+`foundation` stage pretrains the demo's encoder on it, so that Stage 1 has an RGB prior and a
+modality gap to bridge, as SAM 2 does on real thermal or depth images.
+`render_scene` returns one scene's arrays for tests. Labels are train ids 0..6 and cover every
+pixel, so the ignore index 255 is never used.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ CONDITIONS = ("day", "dusk", "night")
 SENSORS = ("rgb", "thermal", "depth")
 SPLITS = ("train", "val", "test")
 # Each (split, scene index) has its own random stream, so resizing one split changes no other.
-STREAM_IDS = {"train": 0, "val": 1, "test": 2, "pool_thermal": 3, "pool_depth": 4}
+STREAM_IDS = {"train": 0, "val": 1, "test": 2, "pool_thermal": 3, "pool_depth": 4,
+              "foundation_train": 5, "foundation_val": 6}
 THERMAL_UNITS = "centikelvin"
 DEPTH_UNITS = "millimetres"
 DEPTH_INVALID = 0
@@ -834,6 +840,39 @@ def render_scene(rng: np.random.Generator, image_size: tuple[int, int], conditio
 # ----------------------------------------------------------------------------- writing
 
 
+@dataclass(frozen=True)
+class FoundationCorpus:
+    """The RGB-only pretraining corpus of the demo foundation model (config `demo.foundation`).
+
+    Its scenes come from `seed` and streams of their own, so they are disjoint from every task
+    split and pool; `conditions` are the probabilities of day, dusk and night (web photographs
+    are mostly taken by day).
+    """
+
+    seed: int = 1
+    num_train: int = 0
+    num_val: int = 0
+    conditions: tuple[tuple[str, float], ...] = (("day", 0.7), ("dusk", 0.2), ("night", 0.1))
+
+    @classmethod
+    def from_config(cls, config: FoundationCorpus | dict | None) -> FoundationCorpus:
+        if isinstance(config, FoundationCorpus):
+            return config
+        config = dict(config or {})
+        if "conditions" in config:
+            config["conditions"] = tuple(dict(config["conditions"]).items())
+        corpus = cls(**config)
+        names, weights = zip(*corpus.conditions) if corpus.conditions else ((), ())
+        if set(names) - set(CONDITIONS) or min(weights, default=0) < 0 or not math.isclose(sum(weights), 1.0):
+            raise ValueError(f"demo.foundation.conditions must give probabilities of {CONDITIONS} summing "
+                             f"to 1, got {dict(corpus.conditions)}")
+        return corpus
+
+    def condition(self, rng: np.random.Generator) -> str:
+        names, weights = zip(*self.conditions)
+        return str(rng.choice(names, p=np.array(weights) / sum(weights)))
+
+
 def generate_demo(
     root: Path,
     *,
@@ -843,26 +882,41 @@ def generate_demo(
     num_val: int = 24,
     num_test: int = 48,
     num_pool: int = 160,
+    foundation: FoundationCorpus | dict | None = None,
     progress: bool = True,
 ) -> dict:
     """Write the demo dataset to `root` (replacing it) and return what `classes.json` says.
 
-    Layout: `paired/{train,val,test}/{rgb,thermal,depth,label}/<name>.png` and unlabeled pools
+    Layout: `paired/{train,val,test}/{rgb,thermal,depth,label}/<name>.png`, unlabeled pools
     `pool/thermal/<name>.png`, `pool/depth/<name>.png` (num_pool each, from scenes of their
-    own), where `<name>` is `<condition>_<index:05d>` and conditions cycle day, dusk, night.
+    own), and the foundation corpus `foundation/{train,val}/{rgb,label}/<name>.png`, where
+    `<name>` is `<condition>_<index:05d>`; conditions cycle day, dusk, night, except in the
+    foundation corpus, where each scene draws one from `foundation.conditions`.
     The tree is built next to `root` and renamed into place, so a failed run leaves no
     half-written dataset. Same arguments give byte-identical files.
     """
     height, width = image_size
     if height <= 0 or width <= 0 or height % 32 or width % 32:
         raise ValueError(f"image_size must be positive multiples of 32 (H, W), got {image_size}")
+    corpus = FoundationCorpus.from_config(foundation)
     counts = {"train": num_train, "val": num_val, "test": num_test,
-              "pool_thermal": num_pool, "pool_depth": num_pool}
+              "pool_thermal": num_pool, "pool_depth": num_pool,
+              "foundation_train": corpus.num_train, "foundation_val": corpus.num_val}
     if min(counts.values()) < 0:
         raise ValueError(f"scene counts must not be negative, got {counts}")
-    # (stream, folder under root, modalities written) per part of the dataset.
-    parts = [(split, Path("paired", split), ("rgb", "thermal", "depth", "label")) for split in SPLITS]
-    parts += [("pool_thermal", Path("pool"), ("thermal",)), ("pool_depth", Path("pool"), ("depth",))]
+
+    def cycle(rng: np.random.Generator, index: int) -> str:
+        return CONDITIONS[index % len(CONDITIONS)]
+
+    def drawn(rng: np.random.Generator, index: int) -> str:
+        return corpus.condition(rng)
+
+    # (stream, seed, condition of a scene, folder under root, modalities written) per part.
+    parts = [(split, seed, cycle, Path("paired", split), ("rgb", "thermal", "depth", "label")) for split in SPLITS]
+    parts += [("pool_thermal", seed, cycle, Path("pool"), ("thermal",)),
+              ("pool_depth", seed, cycle, Path("pool"), ("depth",))]
+    parts += [(f"foundation_{split}", corpus.seed, drawn, Path("foundation", split), ("rgb", "label"))
+              for split in ("train", "val") if counts[f"foundation_{split}"]]
     info = {
         "class_names": list(CLASS_NAMES),
         "palette": [list(colour) for colour in PALETTE],
@@ -872,6 +926,8 @@ def generate_demo(
         "depth_invalid": DEPTH_INVALID,
         "conditions": list(CONDITIONS),
         "seed": seed,
+        "foundation_seed": corpus.seed,
+        "foundation_conditions": dict(corpus.conditions),
         "image_size": [height, width],
         "counts": counts,
     }
@@ -884,12 +940,12 @@ def generate_demo(
     try:
         with tqdm(total=sum(counts.values()), desc="demo scenes", unit="scene",
                   disable=not progress) as bar:
-            for stream, folder, modalities in parts:
+            for stream, part_seed, condition_of, folder, modalities in parts:
                 for modality in modalities:
                     (staging / folder / modality).mkdir(parents=True)
                 for index in range(counts[stream]):
-                    condition = CONDITIONS[index % len(CONDITIONS)]
-                    rng = np.random.default_rng([seed, STREAM_IDS[stream], index])
+                    rng = np.random.default_rng([part_seed, STREAM_IDS[stream], index])
+                    condition = condition_of(rng, index)
                     sensors = tuple(m for m in modalities if m in SENSORS)
                     arrays = render_scene(rng, (height, width), condition, sensors)
                     for modality in modalities:

@@ -43,10 +43,13 @@ Weights (`weights=`, required, so that random weights are never a silent default
   `image_encoder.trunk.*`, converted by timm's `hieradet_sam2.checkpoint_filter_fn`);
 * `"random"`: timm's initialisation under `seed`, logged as a warning and recorded.
 
-Every backbone records `weights`, `weights_source`, `is_random_init` and
-`weights_fingerprint` (sha256 of its weights as loaded) so that every later output can name
-exactly which encoder produced it. Parameters keep timm's `requires_grad`; freezing is the
-LoRA module's job.
+Every backbone records `weights`, `weights_source`, `weights_description` (what the weights
+are, in words: a safetensors checkpoint may say so in its metadata, as the demo foundation
+model does), `is_random_init`, `model_args` (the timm keyword arguments that shape the
+architecture, e.g. a narrower `embed_dim`: `timm.create_model(name, **model_args)` rebuilds
+it, and peft loads its LoRAs onto that) and `weights_fingerprint` (sha256 of its weights as
+loaded) so that every later output can name exactly which encoder produced it. Parameters
+keep timm's `requires_grad`; freezing is the LoRA module's job.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import timm
 import torch
@@ -73,6 +77,7 @@ REDUCTIONS = (4, 8, 16, 32)
 ImgSize = int | tuple[int, int]  # a square side, or (H, W)
 WEIGHTS_CHOICES = ("pretrained", "checkpoint", "random")
 
+DESCRIPTION_KEY = "description"  # safetensors metadata: what the weights are, in words
 SAM2_TRUNK_PREFIX = "image_encoder.trunk."
 # The rest of a SAM 2 model (sam2/modeling/sam2_base.py, SAM 2.0 and 2.1): dropped on load.
 # Anything else in a SAM 2 file is unexpected and refused.
@@ -106,8 +111,10 @@ class Backbone(nn.Module):
 
     weights: str
     weights_source: str
+    weights_description: str
     weights_fingerprint: str
     is_random_init: bool
+    model_args: dict[str, Any]
 
     def __init__(self, name: str, model: nn.Module, img_size: ImgSize | None, size_multiple: int):
         super().__init__()
@@ -138,16 +145,20 @@ class Backbone(nn.Module):
         """What every output of a run records about its encoder."""
         return {
             "backbone": self.name,
+            "model_args": self.model_args,
             "weights": self.weights,
             "weights_source": self.weights_source,
+            "weights_description": self.weights_description,
             "weights_fingerprint": self.weights_fingerprint,
             "is_random_init": self.is_random_init,
         }
 
-    def _record_weights(self, weights: str, source: str) -> None:
+    def _record_weights(self, weights: str, source: str, description: str, model_args: dict[str, Any]) -> None:
         self.weights = weights
         self.weights_source = source
+        self.weights_description = description
         self.is_random_init = weights == "random"
+        self.model_args = model_args
         self.weights_fingerprint = compute_fingerprint(self.model)
 
 
@@ -293,7 +304,8 @@ def create_backbone(
     for "checkpoint" and must be None otherwise. `img_size` is the size a Swin is built for
     and a ViT's position-embedding grid, a side or [H, W]; for Hiera it is only checked and
     recorded (None: the timm default). `seed` fixes the random initialisation (without touching the global RNG).
-    `timm_kwargs` go to `timm.create_model` (e.g. `drop_path_rate`).
+    `timm_kwargs` go to `timm.create_model` (e.g. `embed_dim` for a narrower Hiera, `drop_path_rate`)
+    and are recorded as `model_args`.
     """
     if weights not in WEIGHTS_CHOICES:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS_CHOICES)}")
@@ -333,13 +345,16 @@ def create_backbone(
     if weights == "pretrained":
         cfg = model.pretrained_cfg
         source = f"timm:{cfg.get('hf_hub_id') or cfg.get('url') or name}"
+        description = f"pretrained ({source})"
     elif weights == "checkpoint":
         if layout == "timm":
             state_dict = filter_fn(state_dict, model)
         _load_strict(backbone, state_dict, f"checkpoint {checkpoint} ({layout} layout)")
         source = f"checkpoint:{checkpoint} ({layout})"
+        description = checkpoint_metadata(checkpoint).get(DESCRIPTION_KEY) or f"checkpoint {Path(checkpoint).name}"
     else:
         source = f"random-init(seed={seed})"
+        description = "random initialisation"
         logger.warning(
             "backbone %s uses RANDOM weights (seed=%d): its features carry no pretraining; "
             "every output records weights_source=%r. Use weights='pretrained' or 'checkpoint' "
@@ -348,7 +363,7 @@ def create_backbone(
             seed,
             source,
         )
-    backbone._record_weights(weights, source)
+    backbone._record_weights(weights, source, description, dict(timm_kwargs))
     return backbone
 
 
@@ -365,6 +380,19 @@ def _create_timm_model(name: str, *, pretrained: bool, **kwargs: Any) -> nn.Modu
             "and use weights='checkpoint' with checkpoint=<path to a .safetensors file or Meta's "
             "SAM 2 .pt>."
         ) from err
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a `.safetensors` header ({} for torch files, which have none).
+
+    A checkpoint that xmodal wrote says what it is under `description` (e.g. "demo foundation
+    model (synthetic RGB)"), and every output of a run that loads it repeats that.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:

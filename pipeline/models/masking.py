@@ -32,6 +32,14 @@ def random_unit_mask(
     return (ranks < count).reshape(batch, h, w)
 
 
+def step_mask(batch: int, grid: tuple[int, int], ratio: float, seed: int, step: int,
+              device: torch.device | str | None = None) -> Tensor:
+    """`random_unit_mask` from a generator of (seed, step) alone, so the masks of a resumed
+    run equal those of an uninterrupted one."""
+    generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+    return random_unit_mask(batch, grid, ratio, generator).to(device)
+
+
 class MaskedEncoder(nn.Module):
     """A token-splittable backbone (Hiera, Swin) plus one learned mask token.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import lightning as L
-import torch
 from lightly.loss import DINOLoss
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor
@@ -25,7 +24,7 @@ from pipeline.methods.psst import (
     teacher_parameter_names,
     unit_weights,
 )
-from pipeline.models.masking import random_unit_mask
+from pipeline.models.masking import step_mask
 from pipeline.training.checkpointing import TrainableOnlyCheckpoint
 from pipeline.training.optim import OptimSettings, configure_adamw
 
@@ -55,9 +54,8 @@ class _PSSTPhase(TrainableOnlyCheckpoint, L.LightningModule):
         self.seed = seed
 
     def mask_for(self, images: Tensor) -> Tensor:
-        # A generator per step: the masks of a resumed run equal those of an uninterrupted one.
-        generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.global_step)
-        return random_unit_mask(images.shape[0], mask_grid(images.shape[-2:]), self.mask_ratio, generator).to(images.device)
+        return step_mask(images.shape[0], mask_grid(images.shape[-2:]), self.mask_ratio, self.seed, self.global_step,
+                         images.device)
 
     def configure_optimizers(self):
         return configure_adamw(self.parameters(), self.optim, self.total_steps)
