@@ -8,7 +8,7 @@ equal to `conf/`, and `xmodal compose key=value` gives `dvc repro` users the sam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +58,15 @@ def section(params: dict[str, Any], dotted: str) -> Any:
             raise KeyError(f"params.yaml has no key {'.'.join(dotted.split('.')[: i + 1])!r} (have: {have})")
         node = node[part]
     return node
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied key by key, recursively into nested mappings (what a
+    Stage-1 run's `psst` overrides do to the global `psst` section)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

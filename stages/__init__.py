@@ -12,9 +12,9 @@ RUN_DIRS = {"checkpoints": Path("checkpoints"), "logs": Path("logs")}
 
 
 def phase_parser(doc: str, *inputs: str) -> argparse.ArgumentParser:
-    """Arguments of a PSST phase stage: modality, input folders, output folder, report files."""
+    """Arguments of a Stage-1 stage: the run, input folders, output folder, report files."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("modality", help="key under `modalities` in params.yaml")
+    parser.add_argument("lora", help="key under `loras` in params.yaml (a Stage-1 run)")
     for name in (*inputs, "out_dir"):
         parser.add_argument(name, type=Path)
     parser.add_argument("--metrics", type=Path, help="copy of the metrics for `dvc metrics`")

@@ -8,8 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from pipeline.config import compose_params
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke_params(*overrides: str) -> dict:
+    """The `smoke` preset's parameters with the demo encoder randomly initialised: unit tests run
+    no foundation stage, so the architecture stays and the checkpoint goes (weights='random')."""
+    params = yaml.safe_load(compose_params(["experiment=smoke", *overrides], REPO / "conf"))
+    params["backbone"].update(weights="random", checkpoint=None)
+    return params
 
 
 def find_shared_data() -> Path | None:

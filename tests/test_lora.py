@@ -245,8 +245,10 @@ def test_provenance_records_encoder_lora_and_caller_sections(fresh, tmp_path):
     assert provenance["xmodal_version"] == __version__
     assert provenance["backbone"] == {
         "backbone": HIERA,
+        "model_args": {},
         "weights": "random",
         "weights_source": "random-init(seed=0)",
+        "weights_description": "random initialisation",
         "weights_fingerprint": backbone.weights_fingerprint,
         "is_random_init": True,
     }

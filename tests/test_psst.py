@@ -1,4 +1,5 @@
-"""PSST end to end on tiny demo data: the EMA teacher, scoring, the phases, modes, resume, export."""
+"""PSST end to end on tiny demo data: the EMA teacher, scoring, the phases, modes (as Stage-1
+runs of `loras`), how far the LoRA moves the encoder, resume, export."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import yaml
 from peft import PeftModel
 
 from pipeline.artifacts import PhaseOutputs, read_json
-from pipeline.config import compose_params
 from pipeline.data.demo import generate_demo
 from pipeline.data.readers import build_reader
 from pipeline.data.sharding import shard_dataset
@@ -20,7 +19,7 @@ from pipeline.models.lora import read_provenance
 from pipeline.models.masking import random_unit_mask
 from pipeline.training import psst as phases
 from pipeline.training.psst_module import MAEWarmup
-from tests.conftest import REPO, Interrupt, crash_at_step, record_steps
+from tests.conftest import Interrupt, crash_at_step, record_steps, smoke_params
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def pool(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def params() -> dict:
-    return yaml.safe_load(compose_params(["experiment=smoke"], REPO / "conf"))
+    return smoke_params()
 
 
 @pytest.fixture
@@ -44,7 +43,7 @@ def run_dirs(tmp_path) -> dict[str, Path]:
 
 
 def test_teacher_averages_only_trainable_tensors_and_shares_the_frozen_encoder(params):
-    network = phases.build_network(params)
+    network = phases.build_network(params, params["psst"])
     teacher = EMATeacher(network, teacher_parameter_names(network))
     named = dict(network.named_parameters())
     tracked = teacher_parameter_names(network)
@@ -77,7 +76,7 @@ def test_teacher_averages_only_trainable_tensors_and_shares_the_frozen_encoder(p
 
 
 def test_reconstruction_variance_score_by_hand(params):
-    network = phases.build_network(params).eval()
+    network = phases.build_network(params, params["psst"]).eval()
     images = torch.randn(3, 3, 64, 64)
     scores = reconstruction_scores(network, images, num_masks=2, mask_ratio=0.5,
                                    generator=torch.Generator().manual_seed(5))
@@ -94,7 +93,7 @@ def test_reconstruction_variance_score_by_hand(params):
 
 
 def test_gradients_reach_only_trainable_tensors(params):
-    network = phases.build_network(params)
+    network = phases.build_network(params, params["psst"])
     images = torch.randn(2, 3, 64, 64)
     loss, _, _ = network.reconstruct(images, random_unit_mask(2, (2, 2), 0.5))
     loss.backward()
@@ -111,6 +110,10 @@ def test_phases_write_their_outputs_and_the_export_loads_with_peft(params, pool,
                                                                      tmp_path / "m" / "w.csv"), run_dirs, progress=False)
     assert warmup["trained"] and warmup["steps"] == 2 and warmup["effective_batch"] == 4
     assert warmup["probe_loss_mae_before"] > 0 and warmup["probe_loss_mae_after"] > 0
+    assert warmup["lora"] == "thermal" and warmup["set"] == "default" and warmup["modality"] == "thermal"
+    # the warm-up moved the LoRA off the identity, in every Hiera stage
+    assert set(warmup["lora_update"]) == {"stage1", "stage2", "stage3", "stage4", "all"}
+    assert all(value > 0 for value in warmup["lora_update"].values())
     assert read_json(tmp_path / "m" / "w.json") == warmup
     assert (tmp_path / "m" / "w.csv").read_text().splitlines()[0] == "step,epoch,loss_mae"
 
@@ -124,15 +127,22 @@ def test_phases_write_their_outputs_and_the_export_loads_with_peft(params, pool,
     joint = phases.run_joint(params, "thermal", pool, tmp_path / "warmup", tmp_path / "selection",
                              PhaseOutputs(tmp_path / "joint"), run_dirs)
     assert joint["trained"] and joint["alpha"] == 1.0 and joint["subset_size"] == 4 and joint["steps"] == 2
+    # the joint phase starts from the warm-up: its "before" is the warm-up's "after"
+    assert joint["probe_loss_mae_before"] == pytest.approx(warmup["probe_loss_mae_after"], abs=1e-5)
+    assert joint["lora_update"]["all"] != warmup["lora_update"]["all"]
 
     provenance = phases.run_export(params, "thermal", pool, tmp_path / "warmup", tmp_path / "joint", tmp_path / "lora")
     assert read_provenance(tmp_path / "lora") == provenance
     assert provenance["psst"]["mode"] == "full" and provenance["modality"]["encoding"]["encoding"] == "thermal"
+    assert provenance["psst"]["set"] == "default" and provenance["lora_update"] == joint["lora_update"]
     assert len(provenance["modality"]["normalization"]["mean"]) == 3
 
-    # the artifact is a plain peft adapter: loads into a fresh timm model with the same weights
-    network = phases.build_network(params, tmp_path / "joint" / phases.TRAINABLE).eval()
-    fresh = timm.create_model("sam2_hiera_tiny", pretrained=False)
+    # the artifact is a plain peft adapter: it loads into a fresh timm model of the recorded
+    # architecture (the demo's narrow Hiera: embed_dim 48) with the same weights
+    encoder = provenance["backbone"]
+    assert encoder["model_args"] == {"embed_dim": 48}
+    network = phases.build_network(params, params["psst"], tmp_path / "joint" / phases.TRAINABLE).eval()
+    fresh = timm.create_model(encoder["backbone"], pretrained=False, **encoder["model_args"])
     missing, unexpected = fresh.load_state_dict(_base_state(params), strict=False)
     assert not unexpected and all(k.startswith("head.") for k in missing)
     loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "lora")).eval()
@@ -151,20 +161,35 @@ def _base_state(params: dict) -> dict:
     return create_backbone(**params["backbone"]).model.state_dict()
 
 
+def test_a_stage1_run_merges_its_psst_overrides_over_the_global_section(params):
+    params["loras"]["thermal"]["psst"] = {"mode": "mae", "warmup": {"epochs": 3}}
+    run = phases.stage1_run(params, "thermal")
+    assert (run.key, run.modality, run.set, run.mode) == ("thermal", "thermal", "default", "mae")
+    assert run.psst["warmup"]["epochs"] == 3 and run.psst["warmup"]["batch_size"] == params["psst"]["warmup"]["batch_size"]
+    assert params["psst"]["mode"] == "full"  # the global section is untouched
+    params["loras"]["thermal"]["psst"] = {"mode": "mae+dion"}
+    with pytest.raises(ValueError, match=r"loras.thermal: psst mode 'mae\+dion'"):
+        phases.stage1_run(params, "thermal")
+    with pytest.raises(KeyError, match="loras.infrared"):
+        phases.stage1_run(params, "infrared")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["none", "mae"])
 def test_ablation_modes(params, pool, tmp_path, run_dirs, mode):
-    params["psst"]["mode"] = mode
+    params["loras"]["thermal"]["psst"] = {"mode": mode}  # one run's override, as conf/loras/psst_ablation.yaml
     warmup = phases.run_warmup(params, "thermal", pool, PhaseOutputs(tmp_path / "warmup"), run_dirs, progress=False)
-    assert warmup["trained"] == (mode == "mae")
+    assert warmup["trained"] == (mode == "mae") and warmup["mode"] == mode
+    assert (warmup["lora_update"]["all"] == 0.0) == (mode == "none")
     phases.run_select(params, "thermal", pool, tmp_path / "warmup", PhaseOutputs(tmp_path / "selection"), progress=False)
     assert read_json(tmp_path / "selection" / "subset.json")["scored"] is False
     joint = phases.run_joint(params, "thermal", pool, tmp_path / "warmup", tmp_path / "selection",
                              PhaseOutputs(tmp_path / "joint"), run_dirs)
     assert joint["trained"] is False
     assert (tmp_path / "joint" / phases.TRAINABLE).read_bytes() == (tmp_path / "warmup" / phases.TRAINABLE).read_bytes()
-    phases.run_export(params, "thermal", pool, tmp_path / "warmup", tmp_path / "joint", tmp_path / "lora")
-    network = phases.build_network(params, tmp_path / "joint" / phases.TRAINABLE).eval()
+    provenance = phases.run_export(params, "thermal", pool, tmp_path / "warmup", tmp_path / "joint", tmp_path / "lora")
+    assert provenance["psst"]["mode"] == mode
+    network = phases.build_network(params, params["psst"], tmp_path / "joint" / phases.TRAINABLE).eval()
     b_weights = [p for n, p in network.named_parameters() if "lora_B" in n]
     assert all(bool((p == 0).all()) for p in b_weights) == (mode == "none")  # none: identity LoRA
 

@@ -24,13 +24,16 @@ switches also write `requires_grad`, which `use_adapter` undoes (see there).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -214,6 +217,39 @@ def load_lora(
         peft_model.load_adapter(artifact_dir, adapter_name, is_trainable=False, torch_device=device)
     backbone.model.train(was_training)
     return peft_model
+
+
+@torch.no_grad()
+def lora_update_norms(peft_model: PeftModel, backbone: Backbone, adapter_name: str = "default") -> dict[str, float]:
+    """How far an adapter moves the encoder: ||Delta W||_F / ||W||_F over the adapted layers of
+    each encoder stage (Hiera's `stage_ends`, Swin's `layers.<s>`), and over all of them.
+
+    Delta W = (alpha / r) B A is peft's `get_delta_weight`; 0 means the identity LoRA (B = 0).
+    """
+    stage_ends = list(getattr(backbone.model, "stage_ends", []))
+    delta_sq: dict[str, float] = {}
+    weight_sq: dict[str, float] = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        stage = _stage_of(name, stage_ends)
+        delta = module.get_delta_weight(adapter_name).float()
+        weight = module.get_base_layer().weight.float()
+        for group in (stage, "all"):
+            delta_sq[group] = delta_sq.get(group, 0.0) + float(delta.square().sum())
+            weight_sq[group] = weight_sq.get(group, 0.0) + float(weight.square().sum())
+    return {group: round(math.sqrt(delta_sq[group] / weight_sq[group]), 6) for group in sorted(delta_sq)}
+
+
+def _stage_of(module_name: str, stage_ends: list[int]) -> str:
+    """`stage<k>` (1-based) of an adapted layer from its module name, or `all` if unknown."""
+    parts = module_name.split(".")
+    if "blocks" in parts and stage_ends and "layers" not in parts:
+        block = int(parts[parts.index("blocks") + 1])
+        return f"stage{next(i for i, end in enumerate(stage_ends) if block <= end) + 1}"
+    if "layers" in parts:
+        return f"stage{int(parts[parts.index('layers') + 1]) + 1}"
+    return "all"
 
 
 @contextmanager
