@@ -8,7 +8,6 @@ vit_tiny_patch16_224 at 64 px is a 4x4 grid plus a class token.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from timm.models.hieradet_sam2 import _calc_pad, window_unpartition

@@ -41,7 +41,7 @@ def expert_outputs(module: TPMoME, feats: dict) -> list[torch.Tensor]:
     return [caught[k] for k in range(len(module.experts))]
 
 
-@pytest.mark.parametrize("gating", ["anchor", "softmax", "mean"])
+@pytest.mark.parametrize("gating", ["anchor", "softmax", "mean", "residual"])
 def test_shapes_and_gate_names(gating):
     module = TPMoME(STREAMS, C, out_channels=5, proj_dim=4, hidden_dim=8, gating=gating)
     out = module(features())
@@ -78,7 +78,7 @@ def test_expert_gradients_reach_only_their_stream():
             assert (g.abs().sum() > 0) if j == m else torch.equal(g, torch.zeros_like(g))
 
 
-@pytest.mark.parametrize("gating", ["anchor", "softmax", "mean"])
+@pytest.mark.parametrize("gating", ["anchor", "softmax", "mean", "residual"])
 def test_output_is_the_documented_combination_of_experts(gating):
     module = tp_mome(gating).eval()
     feats = features()
@@ -88,6 +88,8 @@ def test_output_is_the_documented_combination_of_experts(gating):
         beta[:, k, None, None, None] * o for k, o in enumerate(outs[1:] if gating == "anchor" else outs)
     ]
     expected = outs[0] + sum(weighted) if gating == "anchor" else sum(weighted)
+    if gating == "residual":  # the anchor: one 1x1 conv over the concatenated streams
+        expected = expected + module.anchor.mix(torch.cat([feats[s] for s in STREAMS], dim=1))
     torch.testing.assert_close(out, expected)
     if gating == "mean":
         assert torch.equal(beta, torch.full((3, 4), 0.25))
@@ -97,7 +99,7 @@ def test_output_is_the_documented_combination_of_experts(gating):
 
 def test_gates_are_distributions_over_present_experts():
     present = torch.tensor([[True, True, True], [True, False, True], [False, False, True]])
-    for gating in ("anchor", "softmax", "mean"):
+    for gating in ("anchor", "softmax", "mean", "residual"):
         module = tp_mome(gating).eval()
         module(features(), present)
         beta = module.last_gates
@@ -150,14 +152,26 @@ def test_modality_dropout_keeps_a_stream_and_zeroes_dropped_experts():
 def test_mean_gating_has_no_gate_and_bad_options_fail():
     module = TPMoME(STREAMS, C, gating="mean")
     assert module.gate is None and not any("gate" in name for name, _ in module.named_parameters())
-    with pytest.raises(ValueError, match="anchor, softmax, mean"):
+    with pytest.raises(ValueError, match="anchor, softmax, mean, residual"):
         TPMoME(STREAMS, C, gating="top1")
     with pytest.raises(ValueError, match="modality_dropout"):
         TPMoME(STREAMS, C, modality_dropout=1.0)
 
 
+def test_residual_starts_as_the_concat_fusion_and_drops_absent_streams_from_the_anchor():
+    module = TPMoME(STREAMS, C).eval()  # the default reading
+    assert module.gating == "residual"
+    concat = ConcatFusion(STREAMS, C)
+    concat.load_state_dict(module.anchor.state_dict())
+    present = torch.tensor([[True, False, True], [True, True, True], [True, True, False]])
+    feats = features()
+    torch.testing.assert_close(module(feats, present), concat(feats, present))  # experts start at zero
+    active = torch.cat([torch.ones(3, 1, dtype=torch.bool), present], dim=1)  # general expert + streams
+    torch.testing.assert_close(module.last_gates, active.float() / active.sum(dim=1, keepdim=True))
+
+
 def test_anchor_starts_as_the_general_expert_with_uniform_gates():
-    module = TPMoME(STREAMS, C).eval()
+    module = TPMoME(STREAMS, C, gating="anchor").eval()
     feats = features()
     out = module(feats)
     torch.testing.assert_close(out, expert_outputs(module, feats)[0])

@@ -9,7 +9,6 @@ class token, EVA02-T with layer scale (gamma), RoPE and SwiGLU.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

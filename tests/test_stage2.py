@@ -12,12 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.artifacts import PhaseOutputs, read_json
-from pipeline.config import compose_params
 from pipeline.data.demo import generate_demo
 from pipeline.data.readers import build_reader
 from pipeline.data.sharding import shard_dataset
@@ -28,15 +26,15 @@ from pipeline.predict import predict_folder
 from pipeline.training.optim import OptimSettings
 from pipeline.training.task_data import TaskSample, label_subset, sample_group
 from pipeline.training.task_module import TaskTraining
-from pipeline.training.tasks import TRAINABLE, load_task_model, run_evaluate, run_finetune
-from tests.conftest import REPO, Interrupt, crash_at_step, record_steps
+from pipeline.training.tasks import TASK_INFO, TRAINABLE, load_task_model, run_evaluate, run_finetune
+from tests.conftest import Interrupt, crash_at_step, record_steps, smoke_params
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def params() -> dict:
-    return yaml.safe_load(compose_params(["experiment=smoke"], REPO / "conf"))
+    return smoke_params()
 
 
 def make_lora(params: dict, out_dir: Path, seed: int = 0) -> Path:
@@ -48,7 +46,8 @@ def make_lora(params: dict, out_dir: Path, seed: int = 0) -> Path:
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
-    return export_lora(peft, out_dir, lora_provenance(backbone, settings, peft, modality={"name": "thermal"}))
+    return export_lora(peft, out_dir, lora_provenance(backbone, settings, peft, modality={"name": "thermal"},
+                                                      psst={"mode": "full"}))
 
 
 @pytest.fixture(scope="module")
@@ -198,48 +197,64 @@ def test_sod_targets_and_groups():
     assert sample_group({}, "test__x", "^(day|night)_") is None
 
 
-def tiny_task(params: dict, name: str = "rgbt_seg") -> dict:
+def tiny_task(params: dict, name: str = "rgbt_seg", **changes) -> dict:
     params = copy.deepcopy(params)
     params["tasks"][name]["train"].update(epochs=2, samples_per_epoch=4, batch_size=2, checkpoint_every_n_steps=1)
+    params["tasks"][name].update(changes)
     return params
 
 
 @pytest.mark.slow
-def test_finetune_evaluate_predict(params, demo, lora_root, tmp_path):
-    params = tiny_task(params)
+def test_finetune_evaluate_predict_over_two_seeds(params, demo, lora_root, tmp_path):
+    params = tiny_task(params, seeds=[0, 1], label_fraction=0.5)
     run_dirs = {"checkpoints": tmp_path / "ckpt", "logs": tmp_path / "logs"}
     shards, model_dir = demo / "shards", tmp_path / "model"
     metrics = run_finetune(params, "rgbt_seg", shards, lora_root, PhaseOutputs(model_dir, tmp_path / "train.json",
                                                                                  tmp_path / "loss.csv"),
                            run_dirs, progress=False)
-    assert metrics["steps"] == 4 and metrics["method"] == "tp_mome" and metrics["labeled_images"] == 6
+    assert metrics["seeds"] == [0, 1] and set(metrics["runs"]) == {"0", "1"}
+    assert metrics["steps"] == 4 and metrics["method"] == "tp_mome" and metrics["labeled_images"] == 3
     assert 0 < metrics["parameters"]["trainable"] < metrics["parameters"]["total"]
+    losses = [metrics["runs"][s]["loss_end"] for s in ("0", "1")]
+    assert metrics["loss_end"] == pytest.approx(np.mean(losses)) and metrics["std"]["loss_end"] == pytest.approx(
+        np.std(losses, ddof=1))
     assert read_json(tmp_path / "train.json") == metrics
-    assert len((tmp_path / "loss.csv").read_text().splitlines()) == 5
+    curve = (tmp_path / "loss.csv").read_text().splitlines()
+    assert curve[0] == "seed,step,epoch,loss" and len(curve) == 1 + 2 * 4
+    summary = read_json(model_dir / "summary.json")
+    assert summary["seeds"] == [0, 1] and summary["modality_loras"]["thermal"]["psst_mode"] == "full"
+    # each seed drew its own label subset (every method draws the same one for the same seed)
+    subsets = [read_json(model_dir / f"seed{s}" / TASK_INFO)["label_keys"] for s in (0, 1)]
+    assert len(subsets[0]) == len(subsets[1]) == 3 and subsets[0] != subsets[1]
 
-    saved = load_file(str(model_dir / TRAINABLE))  # trainable tensors (and BN statistics) only
+    seed_dir = model_dir / "seed0"
+    saved = load_file(str(seed_dir / TRAINABLE))  # trainable tensors (and BN statistics) only
     assert any(k.startswith("prompts.") for k in saved) and any(k.endswith("running_mean") for k in saved)
     assert not any(k.startswith("backbone.") for k in saved)
     assert sum(t.numel() for k, t in saved.items() if "running" not in k and "num_batches" not in k) == \
         metrics["parameters"]["trainable"]
 
-    model, info, encoders = load_task_model(model_dir)
-    assert set(encoders) == {"rgb", "thermal"} and info["classes"]["names"][4] == "person"
-    reloaded = {k: v for k, v in load_task_model(model_dir)[0].state_dict().items()}
+    model, info, encoders = load_task_model(seed_dir)
+    assert set(encoders) == {"rgb", "thermal"} and info["classes"]["names"][4] == "person" and info["seed"] == 0
+    reloaded = {k: v for k, v in load_task_model(seed_dir)[0].state_dict().items()}
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, reloaded[key])
 
     evaluation = run_evaluate(params, "rgbt_seg", shards, model_dir, PhaseOutputs(tmp_path / "eval"), progress=False)
     assert evaluation["protocol"]["split"] == "test" and evaluation["protocol"]["flip"] is False
-    assert set(evaluation["groups"]) == {"day", "dusk", "night"}
+    assert set(evaluation["groups"]) == {"day", "dusk", "night"} and evaluation["seeds"] == [0, 1]
+    per_seed = [read_json(tmp_path / "eval" / f"seed{s}" / "metrics.json")["overall"]["miou"] for s in (0, 1)]
+    assert evaluation["overall"]["miou"] == pytest.approx(np.mean(per_seed))
+    assert evaluation["overall_std"]["miou"] == pytest.approx(np.std(per_seed, ddof=1))
     assert evaluation["overall"]["pixels"] == 3 * SIZE * SIZE
     assert sum(g["pixels"] for g in evaluation["groups"].values()) == evaluation["overall"]["pixels"]
     assert 0.0 <= evaluation["overall"]["miou"] <= 1.0
+    assert evaluation["weights_description"] == "random initialisation" and evaluation["is_random_init"]
     with Image.open(tmp_path / "eval" / "predictions.png") as figure:
         assert figure.width > 4 * SIZE  # rgb, thermal, ground truth, prediction
 
-    summary = predict_folder(model_dir, {"reader": "paired", "root": str(demo / "raw" / "paired"),
-                                         "modalities": ["rgb", "thermal"]}, tmp_path / "pred", splits=["test"],
+    summary = predict_folder(seed_dir, {"reader": "paired", "root": str(demo / "raw" / "paired"),
+                                        "modalities": ["rgb", "thermal"]}, tmp_path / "pred", splits=["test"],
                              progress=False)
     assert summary["written"] == 3 and summary["skipped"] == {}
     ids = np.array(Image.open(tmp_path / "pred" / "test__night_00002.png"))
@@ -255,7 +270,7 @@ def test_interrupted_finetune_resumes_with_trainable_only_checkpoints(params, de
     outputs = PhaseOutputs(tmp_path / "model")
     with pytest.raises(Interrupt):
         run_finetune(params, "rgbt_seg", demo / "shards", lora_root, outputs, run_dirs, progress=False)
-    checkpoint = run_dirs["checkpoints"] / "finetune" / "rgbt_seg" / "last.ckpt"
+    checkpoint = run_dirs["checkpoints"] / "finetune" / "rgbt_seg" / "seed0" / "last.ckpt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     assert state and not any(".base_layer." in k or k.endswith("patch_embed.proj.weight") for k in state)
     assert not (tmp_path / "model").exists()
@@ -264,3 +279,10 @@ def test_interrupted_finetune_resumes_with_trainable_only_checkpoints(params, de
     steps_run = record_steps(monkeypatch, TaskTraining)
     metrics = run_finetune(params, "rgbt_seg", demo / "shards", lora_root, outputs, run_dirs, progress=False)
     assert steps_run == [3] and metrics["steps"] == 4
+
+
+def test_seeds_must_be_a_list_of_distinct_integers(params, demo, lora_root, tmp_path):
+    for seeds in ([], [0, 0], 3, [0.5]):
+        with pytest.raises(ValueError, match=r"tasks.rgbt_seg.seeds must be"):
+            run_finetune(tiny_task(params, seeds=seeds), "rgbt_seg", demo / "shards", lora_root,
+                         PhaseOutputs(tmp_path / "model"), {}, progress=False)

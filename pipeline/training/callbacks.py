@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -83,3 +84,15 @@ class LossCurve(Callback):
             return None
         n = max(1, len(values) // 10)
         return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+def curves_csv(curves: Mapping[Any, LossCurve], column: str) -> str:
+    """Several runs' curves in one CSV for `dvc plots`, told apart by a leading `column`
+    (e.g. the seed)."""
+    keys = list(dict.fromkeys(key for curve in curves.values() for key in curve.keys))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[column, "step", "epoch", *keys], extrasaction="ignore")
+    writer.writeheader()
+    for name, curve in curves.items():
+        writer.writerows({column: name, **row} for row in curve.rows)
+    return buffer.getvalue()

@@ -7,9 +7,9 @@ from torch import Tensor
 
 from pipeline.methods.stage2 import TaskModel
 from pipeline.models.task_losses import build_loss
-from pipeline.training.task_data import SEGMENTATION
 from pipeline.training.checkpointing import TrainableOnlyCheckpoint
 from pipeline.training.optim import OptimSettings, configure_adamw
+from pipeline.training.task_data import SEGMENTATION
 
 
 class TaskTraining(TrainableOnlyCheckpoint, L.LightningModule):

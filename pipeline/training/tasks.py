@@ -1,12 +1,17 @@
 """Stage 2 as plain functions of the composed parameters (what the stages call).
 
-    run_finetune   task shards + modality LoRAs -> model/   trainable.safetensors, task.json
-    run_evaluate   model/ + test shards -> eval/   metrics.json (with the protocol), predictions.png
-    load_task_model  model/ -> the task model and how its inputs are encoded (evaluate, predict)
+    run_finetune   task shards + modality LoRAs -> model/   seed<k>/ per seed (trainable.safetensors,
+                                                            task.json), summary.json
+    run_evaluate   model/ + test shards -> eval/   seed<k>/metrics.json, metrics.json (mean ± std over
+                                                   the seeds, with the protocol), predictions.png
+    load_task_model  model/seed<k>/ -> the task model and how its inputs are encoded (evaluate, predict)
 
-`task.json` records everything needed to rebuild the model without params.yaml: the
-backbone's arguments and weights fingerprint, the method, the streams' encodings with their
-mean/std, the classes, and the modality LoRA folders with the sha256 of their weights.
+A task trains once per seed in `tasks.<task>.seeds` (the label subset, the initialisation and
+the crops follow the seed; every method sees the same subset for the same seed), so its scores
+come with their spread. Each `seed<k>/` is a complete model folder: `task.json` records
+everything needed to rebuild it without params.yaml (the backbone's arguments and weights
+fingerprint, the method, the streams' encodings with their mean/std, the classes, the modality
+LoRA folders with the sha256 of their weights).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import IterableDataset
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
@@ -34,8 +41,9 @@ from pipeline.data.sharding import MANIFEST, file_sha256, read_manifest
 from pipeline.data.types import RGB
 from pipeline.methods.stage2 import MethodSettings, TaskModel
 from pipeline.metrics import SegmentationMetrics, SODMetrics
+from pipeline.metrics.seeds import mean_and_std
 from pipeline.models.backbone import create_backbone
-from pipeline.training.callbacks import LossCurve
+from pipeline.training.callbacks import LossCurve, curves_csv
 from pipeline.training.optim import OptimSettings
 from pipeline.training.psst_data import EncodeImage, Normalization
 from pipeline.training.task_data import (
@@ -55,15 +63,30 @@ from pipeline.visualize import colorize, image_grid, input_to_rgb, saliency_to_r
 
 TRAINABLE = "trainable.safetensors"
 TASK_INFO = "task.json"
+SUMMARY = "summary.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREDICTIONS_FIGURE = "predictions.png"
+LORA_PROVENANCE = "xmodal.json"
+
+
+def seed_folder(seed: int) -> str:
+    """The sub-folder of one seed's model (under model/) and metrics (under eval/)."""
+    return f"seed{seed}"
+
+
+def task_seeds(cfg: Mapping[str, Any], where: str) -> list[int]:
+    seeds = cfg.get("seeds")
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) \
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"{where}.seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    return seeds
 
 
 def _task(params: Mapping[str, Any], task: str) -> dict[str, Any]:
     return dict(section(params, f"tasks.{task}"))
 
 
-def _classes(manifest: Mapping[str, Any], head: str) -> tuple[list[str], int, list]:
+def output_classes(manifest: Mapping[str, Any], head: str) -> tuple[list[str], int, list]:
     """(class names, ignore index, palette) of the task's output."""
     if head == SOD:
         return ["background", "salient"], 255, [[0, 0, 0], [255, 255, 255]]
@@ -88,13 +111,34 @@ def _lora_dirs(streams: Sequence[str], method: MethodSettings, lora_root: Path) 
 
 def run_finetune(params: Mapping[str, Any], task: str, shard_dir: Path, lora_root: Path, outputs: PhaseOutputs,
                  run_dirs: Mapping[str, Path], progress: bool = True) -> dict[str, Any]:
-    """Train a task's method on its (label-budgeted) training split; write the model folder."""
+    """Train a task's method on its (label-budgeted) training split once per seed; write model/."""
     cfg = _task(params, task)
+    seeds = task_seeds(cfg, f"tasks.{task}")
+    curves, infos = {}, {}
+    with atomic_dir(outputs.folder) as tmp:
+        for seed in seeds:
+            infos[seed], curves[seed] = _finetune_seed(params, task, cfg, seed, shard_dir, lora_root,
+                                                       tmp / seed_folder(seed), run_dirs, progress)
+        runs = {seed: info["metrics"] for seed, info in infos.items()}
+        mean, std = mean_and_std(list(runs.values()))
+        metrics = {**mean, "std": std, "seeds": seeds, "runs": {str(k): v for k, v in runs.items()}}
+        first = infos[seeds[0]]
+        write_json(tmp / SUMMARY, {"task": task, "config": cfg, "backbone": first["backbone"],
+                                   "modality_loras": first["modality_loras"], "seeds": seeds, "metrics": metrics})
+    outputs.publish(metrics, curves_csv(curves, "seed"))
+    return metrics
+
+
+def _finetune_seed(params: Mapping[str, Any], task: str, cfg: Mapping[str, Any], seed: int, shard_dir: Path,
+                   lora_root: Path, out_dir: Path, run_dirs: Mapping[str, Path], progress: bool
+                   ) -> tuple[dict[str, Any], LossCurve]:
+    """One seed of a task: train, then write its model folder `out_dir` (inside the task's
+    temporary output folder, so nothing appears until every seed is done); returns task.json."""
     method = MethodSettings.from_config(section(params, f"methods.{cfg['method']}"))
     train = cfg["train"]
     manifest = read_manifest(shard_dir)
-    class_names, ignore_index, palette = _classes(manifest, cfg["head"])
-    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    class_names, ignore_index, palette = output_classes(manifest, cfg["head"])
+    L.seed_everything(seed, workers=True, verbose=False)
     backbone_cfg = dict(section(params, "backbone"))
     backbone = create_backbone(**backbone_cfg)
     lora_dirs = _lora_dirs(cfg["streams"], method, lora_root)
@@ -103,34 +147,24 @@ def run_finetune(params: Mapping[str, Any], task: str, shard_dir: Path, lora_roo
                       decoder=cfg["decoder"], lora_dirs=lora_dirs)
 
     urls = shard_urls(shard_dir, train["split"])
-    keys = label_subset(shard_keys(urls), cfg["label_fraction"], cfg["seed"])
+    keys = label_subset(shard_keys(urls), cfg["label_fraction"], seed)
     encoders = stream_encoders(cfg["streams"], section(params, "modalities"), manifest, urls,
                                (backbone.model.pretrained_cfg["mean"], backbone.model.pretrained_cfg["std"]),
                                train["normalization_images"], progress)
     foreground = foreground_ids(cfg.get("foreground_classes") or [], manifest.get("class_names"))
-    transform = TaskSample(encoders, head=cfg["head"], foreground=foreground,
-                           geometry=PairedAugment(train["image_size"], scale=train["crop_scale"]))
-    stream = task_train_stream(urls, transform, keys=keys, epoch_samples=train["samples_per_epoch"], seed=cfg["seed"])
-    trainer_cfg, workers = section(params, "trainer"), section(params, "loader.num_workers")
-    steps = total_steps(trainer_cfg, epochs=train["epochs"], samples_per_epoch=train["samples_per_epoch"],
-                        batch_size=train["batch_size"], num_workers=workers)
-    module = TaskTraining(model, head=cfg["head"], ignore_index=ignore_index, total_steps=steps,
-                          optim=OptimSettings(**train["optim"]))
     lora_files = {stream: path / ADAPTER_WEIGHTS for stream, path in lora_dirs.items()}
     manifest_sha256, *lora_sha256 = input_fingerprints([shard_dir / MANIFEST, *lora_files.values()])
-    tag = config_hash({"task": cfg, "method": method.__dict__, "backbone": backbone_cfg, "trainer": trainer_cfg,
-                       "inputs": [manifest_sha256, *lora_sha256]})
-    curve = LossCurve(["loss"])
+    tag = config_hash({"task": cfg, "seed": seed, "method": method.__dict__, "backbone": backbone_cfg,
+                       "trainer": section(params, "trainer"), "inputs": [manifest_sha256, *lora_sha256]})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer = fit_resumable(
-        module, stream, task_loader(stream, train["batch_size"], workers), trainer_cfg=trainer_cfg,
-        logger_cfg=params.get("logger"), run_name=f"finetune/{task}", run_dirs=run_dirs, tag=tag,
-        epochs=train["epochs"], batch_size=train["batch_size"], curve=curve,
-        checkpoint_every_n_steps=train["checkpoint_every_n_steps"],
-    )
+    module = TaskTraining(model, head=cfg["head"], ignore_index=ignore_index, total_steps=schedule_steps(params, train),
+                          optim=OptimSettings(**train["optim"]))
+    trainer, curve = fit_task_model(params, module, encoders, urls, keys, train, head=cfg["head"],
+                                    foreground=foreground, seed=seed, run_name=f"finetune/{task}/{seed_folder(seed)}",
+                                    tag=tag, run_dirs=run_dirs)
     metrics: dict[str, Any] = {
-        "task": task, "method": method.name, "streams": cfg["streams"], "head": cfg["head"],
+        "task": task, "seed": seed, "method": method.name, "streams": cfg["streams"], "head": cfg["head"],
         "label_fraction": cfg["label_fraction"], "labeled_images": len(keys),
         **training_metrics(trainer, curve, train["batch_size"], train["samples_per_epoch"], ["loss"]),
         "parameters": model.parameter_counts(),
@@ -138,23 +172,55 @@ def run_finetune(params: Mapping[str, Any], task: str, shard_dir: Path, lora_roo
         **backbone.provenance,
     }
     info = {
-        "task": task, "config": cfg, "method": dict(section(params, f"methods.{cfg['method']}")),
+        "task": task, "seed": seed, "config": cfg, "method": dict(section(params, f"methods.{cfg['method']}")),
         "backbone_config": backbone_cfg, "backbone": backbone.provenance,
         "classes": {"names": class_names, "ignore_index": ignore_index, "palette": palette},
         "encoders": {s: {"encoding": vars(e.encoding), "normalization": e.normalization.to_dict()}
                      for s, e in encoders.items()},
         "foreground_ids": foreground,
-        "modality_loras": {s: {"dir": str(path), "sha256": sha} for (s, path), sha in zip(lora_dirs.items(), lora_sha256)},
+        "modality_loras": {s: {"dir": str(path), "sha256": sha, "psst_mode": _psst_mode(path)}
+                           for (s, path), sha in zip(lora_dirs.items(), lora_sha256)},
         "shards": {"dir": str(shard_dir), "manifest_sha256": manifest_sha256},
         "label_keys": keys,
     }
-    with atomic_dir(outputs.folder) as tmp:
-        save_trainable(model, tmp / TRAINABLE)
-        metrics["trainable_bytes"] = (tmp / TRAINABLE).stat().st_size
-        metrics["modality_lora_bytes"] = sum(path.stat().st_size for path in lora_files.values())
-        write_json(tmp / TASK_INFO, {**info, "metrics": metrics})
-    outputs.publish(metrics, curve.csv_text())
-    return metrics
+    out_dir.mkdir(parents=True)
+    save_trainable(model, out_dir / TRAINABLE)
+    metrics["trainable_bytes"] = (out_dir / TRAINABLE).stat().st_size
+    metrics["modality_lora_bytes"] = sum(path.stat().st_size for path in lora_files.values())
+    info["metrics"] = metrics
+    write_json(out_dir / TASK_INFO, info)
+    return info, curve
+
+
+def _psst_mode(lora_dir: Path) -> str | None:
+    """The PSST mode a modality LoRA was trained with (none = the identity LoRA; None: not recorded)."""
+    return read_json(lora_dir / LORA_PROVENANCE).get("psst", {}).get("mode")
+
+
+def schedule_steps(params: Mapping[str, Any], train: Mapping[str, Any]) -> int:
+    """Optimizer steps of a run with the `train` settings under the configured trainer."""
+    return total_steps(section(params, "trainer"), epochs=train["epochs"], samples_per_epoch=train["samples_per_epoch"],
+                       batch_size=train["batch_size"], num_workers=section(params, "loader.num_workers"))
+
+
+def fit_task_model(params: Mapping[str, Any], module: L.LightningModule, encoders: Mapping[str, EncodeImage],
+                   urls: Sequence[str], keys: Sequence[str], train: Mapping[str, Any], *, head: str,
+                   foreground: Sequence[int], seed: int, run_name: str, tag: str, run_dirs: Mapping[str, Path],
+                   curve_keys: Sequence[str] = ("loss",)) -> tuple[L.Trainer, LossCurve]:
+    """Train `module` on the labeled samples `keys` of `urls` with the `train` crops and epochs
+    and the configured trainer; resumable under `tag`."""
+    transform = TaskSample(encoders, head=head, foreground=foreground,
+                           geometry=PairedAugment(train["image_size"], scale=train["crop_scale"]))
+    stream = task_train_stream(urls, transform, keys=keys, epoch_samples=train["samples_per_epoch"], seed=seed)
+    trainer_cfg, workers = section(params, "trainer"), section(params, "loader.num_workers")
+    curve = LossCurve(list(curve_keys))
+    trainer = fit_resumable(
+        module, stream, task_loader(stream, train["batch_size"], workers), trainer_cfg=trainer_cfg,
+        logger_cfg=params.get("logger"), run_name=run_name, run_dirs=run_dirs, tag=tag,
+        epochs=train["epochs"], batch_size=train["batch_size"], curve=curve,
+        checkpoint_every_n_steps=train["checkpoint_every_n_steps"],
+    )
+    return trainer, curve
 
 
 def load_task_model(model_dir: Path) -> tuple[TaskModel, dict[str, Any], dict[str, EncodeImage]]:
@@ -212,55 +278,97 @@ def _to_output(logits: Tensor, head: str) -> Tensor:
     return logits[:, 0].sigmoid() if head == SOD else logits.argmax(1)
 
 
-def run_evaluate(params: Mapping[str, Any], task: str, shard_dir: Path, model_dir: Path, outputs: PhaseOutputs,
-                 progress: bool = True) -> dict[str, Any]:
-    """Metrics of a trained task on its evaluation split, overall and per group (e.g. night)."""
-    eval_cfg = _task(params, task)["eval"]
-    model, info, encoders = load_task_model(model_dir)
-    cfg, classes = info["config"], info["classes"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    geometry = Resize(eval_cfg["image_size"]) if eval_cfg.get("image_size") else None
-    transform = TaskSample(encoders, head=cfg["head"], geometry=geometry, foreground=info["foreground_ids"])
-    stream = task_eval_stream(shard_urls(shard_dir, eval_cfg["split"]), transform)
-    overall = _new_metric(cfg["head"], classes).to(device)
-    groups: dict[str, Metric] = defaultdict(lambda: _new_metric(cfg["head"], classes).to(device))
+@dataclass
+class Evaluation:
+    """What `evaluate_model` measured: metric values overall and per group, the time it took,
+    and up to `figure_samples` figure rows per group (inputs, ground truth, prediction)."""
+
+    overall: dict[str, Any]
+    groups: dict[str, dict[str, Any]]
+    seconds: float
+    figure_rows: dict[str, list[list[np.ndarray]]]
+
+
+def evaluate_model(model: TaskModel, stream: IterableDataset, *, head: str, classes: Mapping[str, Any],
+                   batch_size: int, flip: bool = False, group_pattern: str | None = None,
+                   encoders: Mapping[str, EncodeImage] | None = None, figure_samples: int = 0,
+                   progress: bool = True, desc: str = "evaluate") -> Evaluation:
+    """Single-scale (optionally flipped) predictions of `model` over `stream`, scored at each
+    label's original resolution, overall and per group (`group_pattern` on the file names)."""
+    device = next(model.parameters()).device
+    overall = _new_metric(head, classes).to(device)
+    groups: dict[str, Metric] = defaultdict(lambda: _new_metric(head, classes).to(device))
     figure_rows: dict[str, list[list[np.ndarray]]] = defaultdict(list)  # per group, for a spread
     started = time.perf_counter()
-    for batch in tqdm(task_loader(stream, eval_cfg["batch_size"], 0), desc=f"evaluate {task}", unit="batch",
-                      disable=not progress):
+    for batch in tqdm(task_loader(stream, batch_size, 0), desc=desc, unit="batch", disable=not progress):
         inputs = {s: batch[s].to(device) for s in model.streams}
-        logits = predict_logits(model, inputs, flip=eval_cfg["flip"])
+        logits = predict_logits(model, inputs, flip=flip)
         for i, target in enumerate(batch["full_target"]):
             output = _to_output(F.interpolate(logits[i: i + 1], size=tuple(target.shape), mode="bilinear",
-                                              align_corners=False), cfg["head"])
+                                              align_corners=False), head)
             target = target[None].to(device)
             overall.update(output, target)
-            group = sample_group(batch["meta"][i], batch["key"][i], eval_cfg.get("group_pattern"))
+            group = sample_group(batch["meta"][i], batch["key"][i], group_pattern)
             if group is not None:
                 groups[group].update(output, target)
-            if len(figure_rows[group or ""]) < eval_cfg["figure_samples"]:
+            if encoders is not None and len(figure_rows[group or ""]) < figure_samples:
                 figure_rows[group or ""].append(_figure_row(batch, i, output[0], target[0], encoders, model.streams,
-                                                            cfg["head"], classes))
-    seconds = time.perf_counter() - started
-    metrics = {
-        "task": task, "method": cfg["method"], "streams": cfg["streams"], "head": cfg["head"],
-        "protocol": {
-            "split": eval_cfg["split"], "input_size": eval_cfg.get("image_size") or "native",
-            "scales": [1.0], "flip": eval_cfg["flip"], "sliding_window": False,
-            "resolution": "logits upsampled (bilinear) to each label's original size",
-            "metrics": _metric_definitions(cfg["head"]), "group_pattern": eval_cfg.get("group_pattern"),
-        },
-        "overall": overall.compute(),
-        "groups": {name: metric.compute() for name, metric in sorted(groups.items())},
-        "eval_seconds": round(seconds, 2),
-        "is_random_init": info["backbone"]["is_random_init"],
-    }
+                                                            head, classes))
+    return Evaluation(overall.compute(), {name: metric.compute() for name, metric in sorted(groups.items())},
+                      time.perf_counter() - started, dict(figure_rows))
+
+
+def save_prediction_figure(evaluation: Evaluation, streams: Sequence[str], count: int, path: Path) -> None:
+    labels, rows = _spread(evaluation.figure_rows, count)
+    if rows:
+        image_grid(rows, [*streams, "ground truth", "prediction"], labels).save(path)
+
+
+def run_evaluate(params: Mapping[str, Any], task: str, shard_dir: Path, model_dir: Path, outputs: PhaseOutputs,
+                 progress: bool = True) -> dict[str, Any]:
+    """Metrics of a trained task on its evaluation split, overall and per group (e.g. night),
+    for every seed it was trained with, and their mean ± std."""
+    eval_cfg = _task(params, task)["eval"]
+    seeds = read_json(Path(model_dir) / SUMMARY)["seeds"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runs, protocol = {}, None
     with atomic_dir(outputs.folder) as tmp:
+        for seed in seeds:
+            model, info, encoders = load_task_model(Path(model_dir) / seed_folder(seed))
+            cfg, classes = info["config"], info["classes"]
+            geometry = Resize(eval_cfg["image_size"]) if eval_cfg.get("image_size") else None
+            transform = TaskSample(encoders, head=cfg["head"], geometry=geometry, foreground=info["foreground_ids"])
+            figures = eval_cfg["figure_samples"] if seed == seeds[0] else 0
+            evaluation = evaluate_model(
+                model.to(device), task_eval_stream(shard_urls(shard_dir, eval_cfg["split"]), transform),
+                head=cfg["head"], classes=classes, batch_size=eval_cfg["batch_size"], flip=eval_cfg["flip"],
+                group_pattern=eval_cfg.get("group_pattern"), encoders=encoders, figure_samples=figures,
+                progress=progress, desc=f"evaluate {task} seed {seed}")
+            runs[seed] = {"overall": evaluation.overall, "groups": evaluation.groups,
+                          "eval_seconds": round(evaluation.seconds, 2)}
+            (tmp / seed_folder(seed)).mkdir()
+            write_json(tmp / seed_folder(seed) / "metrics.json", {"task": task, "seed": seed, **runs[seed]})
+            if figures:
+                save_prediction_figure(evaluation, model.streams, figures, tmp / PREDICTIONS_FIGURE)
+            protocol = {
+                "split": eval_cfg["split"], "input_size": eval_cfg.get("image_size") or "native",
+                "scales": [1.0], "flip": eval_cfg["flip"], "sliding_window": False,
+                "resolution": "logits upsampled (bilinear) to each label's original size",
+                "metrics": _metric_definitions(cfg["head"]), "group_pattern": eval_cfg.get("group_pattern"),
+                "seeds": f"mean and sample std (ddof 1) over seeds {seeds}",
+            }
+        mean, std = mean_and_std(list(runs.values()))
+        metrics = {
+            "task": task, "method": cfg["method"], "streams": cfg["streams"], "head": cfg["head"],
+            "protocol": protocol, "seeds": seeds,
+            "overall": mean["overall"], "groups": mean.get("groups", {}),
+            "overall_std": std["overall"], "groups_std": std.get("groups", {}),
+            "runs": {str(seed): run for seed, run in runs.items()},
+            "eval_seconds": round(sum(run["eval_seconds"] for run in runs.values()), 2),
+            "is_random_init": info["backbone"]["is_random_init"],
+            "weights_description": info["backbone"]["weights_description"],
+        }
         write_json(tmp / "metrics.json", metrics)
-        labels, rows = _spread(figure_rows, eval_cfg["figure_samples"])
-        if rows:
-            image_grid(rows, [*model.streams, "ground truth", "prediction"], labels).save(tmp / PREDICTIONS_FIGURE)
     outputs.publish(metrics)
     return metrics
 
