@@ -1,14 +1,24 @@
-"""The `report` stage: every task's recorded metrics and costs -> reports/ (README, CSVs, figures).
+"""The `report` stage: every recorded metric and cost -> reports/ (README, CSVs, figures).
 
-Numbers are read from what the finetune and evaluate stages wrote (model/task.json,
-eval/metrics.json) and from the modality LoRA artifacts, never recomputed, so the report cannot
-drift from the DVC outputs. The README shows scores x100 with one decimal; the CSVs keep the raw
-values for anyone who wants to plot or test them.
+Numbers are read from what the stages wrote (model/summary.json and eval/metrics.json of every
+task, the modality LoRA artifacts, Stage 1's probes, the foundation models, the paper-scale
+counts), never recomputed, so the report cannot drift from the DVC outputs. The README shows
+scores x100 with one decimal, as "mean ± std" over a task's seeds; the CSVs keep the raw
+values. Its first section, "What the demo shows", is written from those numbers too: every
+claim in it is a comparison the tables below contain, with the seed spread beside it.
+
+Tables, when the tasks allow them:
+* PSST ablation (the seed paper's layout): tasks that differ only in the PSST mode of their
+  modality LoRAs; rows = mode, columns = tasks and their average.
+* Label efficiency: tasks that differ only in the label fraction; one series per method and
+  PSST mode, as a table and a figure of the main metric against the fraction.
+* Method and stream comparisons: tasks that differ only in the method, or only in the streams.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,12 +32,14 @@ from matplotlib.figure import Figure
 
 from pipeline.artifacts import atomic_dir, read_json
 
-# Where the finetune / evaluate / export stages put things (pipeline/training/tasks.py and
+# Where the stages put things (pipeline/training/tasks.py, probe.py, foundation.py and
 # pipeline/models/lora.py; not imported, to keep this stage free of torch-model imports).
-TASK_INFO = Path("model/task.json")
+TASK_SUMMARY = Path("model/summary.json")
 EVAL_METRICS = Path("eval/metrics.json")
 PREDICTIONS = Path("eval/predictions.png")
 LORA_PROVENANCE = "xmodal.json"
+PROBE_METRICS = Path("probe/metrics.json")
+FOUNDATION_INFO = "foundation.json"
 
 RANDOM_INIT_WARNING = "random-initialised encoder: numbers show the pipeline works, not what pretrained weights reach"
 # head -> (main metric, label, secondary metric, label)
@@ -36,21 +48,24 @@ HEAD_METRICS = {
     "sod": ("s_measure", "S-measure", "mae", "MAE"),
 }
 FP32_BYTES = 4
-COMPARED = ("dataset", "streams", "head", "method")  # what comparisons hold fixed, all but one
+NO_PSST = "–"  # the PSST column of a task without modality LoRAs
+# The seed paper's ablation rows, in its order.
+PSST_ROWS = {"none": "Stage 2 only", "mae": "+ MAE", "mae+dino": "+ DINO (no error weighting)",
+             "full": "Full (error-weighted PSST)"}
 
 
 @dataclass(frozen=True)
 class TaskResult:
-    """One task's model/task.json and eval/metrics.json, read once."""
+    """One task's model/summary.json and eval/metrics.json, read once."""
 
     name: str
-    info: dict[str, Any]
+    summary: dict[str, Any]
     metrics: dict[str, Any]
     predictions: Path | None
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.info["config"]
+        return self.summary["config"]
 
     @property
     def head(self) -> str:
@@ -69,8 +84,30 @@ class TaskResult:
         return self.config["method"]
 
     @property
+    def label_fraction(self) -> float:
+        return self.config["label_fraction"]
+
+    @property
+    def lora_set(self) -> str:
+        return self.config.get("lora_set", NO_PSST)
+
+    @property
+    def psst(self) -> str:
+        """The PSST mode of the task's modality LoRAs ("–" without any)."""
+        modes = sorted({lora.get("psst_mode", "?") for lora in self.summary.get("modality_loras", {}).values()})
+        return "/".join(modes) if modes else NO_PSST
+
+    @property
     def train(self) -> dict[str, Any]:
-        return self.info["metrics"]
+        return self.summary["metrics"]
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.metrics.get("seeds", [0])
+
+    @property
+    def backbone(self) -> dict[str, Any]:
+        return self.summary["backbone"]
 
     @property
     def groups(self) -> list[str]:
@@ -80,14 +117,35 @@ class TaskResult:
         scores = self.metrics["overall"] if group is None else self.metrics.get("groups", {}).get(group, {})
         return scores.get(key)
 
+    def spread(self, key: str, group: str | None = None) -> float | None:
+        """Sample std of the score over the task's seeds (None for one seed)."""
+        if len(self.seeds) < 2:
+            return None
+        spreads = self.metrics.get("overall_std", {}) if group is None else \
+            self.metrics.get("groups_std", {}).get(group, {})
+        return spreads.get(key)
+
+    def per_seed(self, key: str) -> dict[str, float]:
+        """The overall score of every seed, by seed."""
+        return {seed: run["overall"][key] for seed, run in self.metrics.get("runs", {}).items()
+                if run["overall"].get(key) is not None}
+
+    @property
+    def main_key(self) -> str:
+        return HEAD_METRICS[self.head][0]
+
     @property
     def main(self) -> float | None:
-        return self.score(HEAD_METRICS[self.head][0])
+        return self.score(self.main_key)
+
+    def cell(self, key: str | None = None, group: str | None = None) -> str:
+        key = key or self.main_key
+        return fmt_score(self.score(key, group), self.spread(key, group))
 
 
 @dataclass(frozen=True)
 class ModalityLora:
-    """A modality LoRA artifact: its provenance and its size on disk (all files of the folder)."""
+    """A modality LoRA artifact (`<set>/<modality>`): its provenance and size on disk."""
 
     name: str
     provenance: dict[str, Any]
@@ -98,12 +156,23 @@ class ModalityLora:
         return self.provenance["lora"]["parameters"]
 
 
-def write_report(tasks_dir: Path, lora_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Write `out_dir` (README.md, metrics.csv, efficiency.csv, PNGs) atomically; return a summary."""
+def lora_key(directory: str | Path) -> str:
+    """`<set>/<modality>` of a LoRA folder data/lora/<set>/<modality>."""
+    path = Path(directory)
+    return f"{path.parent.name}/{path.name}"
+
+
+def write_report(tasks_dir: Path, lora_dir: Path, out_dir: Path, *, psst_dir: Path | None = None,
+                 foundation_dir: Path | None = None, paper_scale: Path | None = None) -> dict[str, Any]:
+    """Write `out_dir` (README.md, CSVs, PNGs) atomically; return a summary."""
     tasks, incomplete = discover_tasks(Path(tasks_dir))
     loras = discover_loras(Path(lora_dir))
+    probes = discover(psst_dir, f"*/{PROBE_METRICS}")
+    foundations = discover(foundation_dir, f"*/{FOUNDATION_INFO}")
+    scale = read_json(Path(paper_scale)) if paper_scale is not None and Path(paper_scale).is_file() else None
     totals = cumulative(tasks, loras)
     method_groups = comparisons(tasks, vary="method")
+    efficiency_groups = label_efficiency_groups(tasks)
     with atomic_dir(out_dir) as tmp:
         _write_csv(tmp / "metrics.csv", [metrics_row(t) for t in tasks])
         _write_csv(tmp / "efficiency.csv", [efficiency_row(t) for t in tasks])
@@ -114,17 +183,21 @@ def write_report(tasks_dir: Path, lora_dir: Path, out_dir: Path) -> dict[str, An
         if method_groups:
             methods_figure(method_groups, tmp / "methods.png")
             figures.append("methods.png")
+        if efficiency_groups:
+            label_efficiency_figure(efficiency_groups, tmp / "label_efficiency.png")
+            figures.append("label_efficiency.png")
         predictions = {}
         for task in tasks:
             if task.predictions is not None:
                 predictions[task.name] = f"predictions_{task.name}.png"
                 shutil.copyfile(task.predictions, tmp / predictions[task.name])
-        (tmp / "README.md").write_text(readme(tasks, incomplete, loras, totals, figures, predictions))
+        text = readme(tasks, incomplete, loras, totals, figures, predictions, probes, foundations, scale)
+        (tmp / "README.md").write_text(text)
     return {
         "out_dir": str(out_dir),
         "tasks": [t.name for t in tasks],
         "incomplete": incomplete,
-        "random_init": [t.name for t in tasks if t.info["backbone"]["is_random_init"]],
+        "random_init": [t.name for t in tasks if t.backbone["is_random_init"]],
         "figures": figures + list(predictions.values()),
         "cumulative": totals,
     }
@@ -136,11 +209,11 @@ def discover_tasks(tasks_dir: Path) -> tuple[list[TaskResult], dict[str, str]]:
         raise FileNotFoundError(f"{tasks_dir} not found: run the finetune and evaluate stages first")
     tasks, incomplete = [], {}
     for folder in sorted(p for p in tasks_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        missing = [str(rel) for rel in (TASK_INFO, EVAL_METRICS) if not (folder / rel).is_file()]
+        missing = [str(rel) for rel in (TASK_SUMMARY, EVAL_METRICS) if not (folder / rel).is_file()]
         if missing:
             incomplete[folder.name] = "missing " + ", ".join(missing)
             continue
-        task = TaskResult(folder.name, read_json(folder / TASK_INFO), read_json(folder / EVAL_METRICS),
+        task = TaskResult(folder.name, read_json(folder / TASK_SUMMARY), read_json(folder / EVAL_METRICS),
                           folder / PREDICTIONS if (folder / PREDICTIONS).is_file() else None)
         if task.head not in HEAD_METRICS:
             raise ValueError(f"{folder}: head {task.head!r} has no main metric (known: {sorted(HEAD_METRICS)})")
@@ -149,20 +222,28 @@ def discover_tasks(tasks_dir: Path) -> tuple[list[TaskResult], dict[str, str]]:
 
 
 def discover_loras(lora_dir: Path) -> dict[str, ModalityLora]:
-    """Modality LoRA folders (those with xmodal.json) by folder name, which is the stream name."""
+    """Modality LoRA folders (those with xmodal.json) under `lora_dir`, by `<set>/<modality>`."""
     if not lora_dir.is_dir():
         return {}
-    return {
-        folder.name: ModalityLora(folder.name, read_json(folder / LORA_PROVENANCE),
-                                  sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
-        for folder in sorted(lora_dir.iterdir()) if (folder / LORA_PROVENANCE).is_file()
-    }
+    found = {}
+    for record in sorted(lora_dir.glob(f"*/*/{LORA_PROVENANCE}")):
+        folder = record.parent
+        found[lora_key(folder)] = ModalityLora(lora_key(folder), read_json(record),
+                                               sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
+    return found
+
+
+def discover(root: Path | None, pattern: str) -> dict[str, dict[str, Any]]:
+    """JSON files matching `pattern` under `root`, by the name of their top folder."""
+    if root is None or not Path(root).is_dir():
+        return {}
+    return {path.relative_to(root).parts[0]: read_json(path) for path in sorted(Path(root).glob(pattern))}
 
 
 def cumulative(tasks: Sequence[TaskResult], loras: Mapping[str, ModalityLora]) -> dict[str, Any]:
     """Cost of all tasks together: each task's own weights, plus every modality LoRA they reuse
     counted once (it is shared), against fine-tuning the whole model once per task."""
-    used = sorted({m for t in tasks for m in t.info.get("modality_loras", {})})
+    used = sorted({lora_key(r["dir"]) for t in tasks for r in t.summary.get("modality_loras", {}).values()})
     found = [loras[m] for m in used if m in loras]
     task_params = sum(t.train["parameters"]["trainable"] for t in tasks)
     task_bytes = sum(t.train["trainable_bytes"] for t in tasks)
@@ -178,33 +259,68 @@ def cumulative(tasks: Sequence[TaskResult], loras: Mapping[str, ModalityLora]) -
     }
 
 
-def comparisons(tasks: Sequence[TaskResult], vary: str) -> dict[tuple, list[TaskResult]]:
-    """Tasks that differ only in `vary` ("method" or "streams"), keyed by what they share.
+# --- groupings --------------------------------------------------------------------------------
 
-    The label fraction is part of the key: methods trained on different label budgets are not
-    comparable.
-    """
-    shared = [k for k in COMPARED if k != vary]
+# What a comparison along one axis holds fixed: everything that could explain a difference.
+# Streams are compared within one LoRA set, so an RGB-only task (no LoRA) meets the fused ones.
+SHARED = {
+    "method": ("dataset", "streams", "head", "label_fraction"),
+    "streams": ("dataset", "head", "method", "lora_set", "label_fraction"),
+    "psst": ("dataset", "streams", "head", "method", "label_fraction"),
+}
+
+
+def comparisons(tasks: Sequence[TaskResult], vary: str) -> dict[tuple, list[TaskResult]]:
+    """Tasks that differ only in `vary` ("method", "streams" or "psst"), keyed by what they share."""
     groups: dict[tuple, list[TaskResult]] = defaultdict(list)
     for task in tasks:
-        groups[(*(getattr(task, k) for k in shared), task.config["label_fraction"])].append(task)
+        groups[tuple(getattr(task, k) for k in SHARED[vary])].append(task)
     return {key: sorted(members, key=lambda t: (getattr(t, vary), t.name))
             for key, members in sorted(groups.items()) if len({getattr(t, vary) for t in members}) > 1}
 
 
+def psst_ablations(tasks: Sequence[TaskResult]) -> dict[tuple, dict[str, dict[tuple, TaskResult]]]:
+    """(method, label fraction) -> PSST mode -> (dataset, streams, head) -> task: the ablation
+    tables, where at least two modes were trained on the same tasks."""
+    tables: dict[tuple, dict[str, dict[tuple, TaskResult]]] = defaultdict(lambda: defaultdict(dict))
+    for members in comparisons(tasks, vary="psst").values():
+        for task in members:
+            if task.psst != NO_PSST:
+                tables[(task.method, task.label_fraction)][task.psst][(task.dataset, task.streams, task.head)] = task
+    return {key: dict(rows) for key, rows in sorted(tables.items()) if len(rows) > 1}
+
+
+def label_efficiency_groups(tasks: Sequence[TaskResult]) -> dict[tuple, dict[str, dict[float, TaskResult]]]:
+    """(dataset, streams, head) -> series (method and PSST mode) -> label fraction -> task, where
+    some series was trained at two or more fractions."""
+    groups: dict[tuple, dict[str, dict[float, TaskResult]]] = defaultdict(lambda: defaultdict(dict))
+    for task in tasks:
+        groups[(task.dataset, task.streams, task.head)][series_name(task)][task.label_fraction] = task
+    return {key: dict(series) for key, series in sorted(groups.items())
+            if any(len(points) > 1 for points in series.values())}
+
+
+def series_name(task: TaskResult) -> str:
+    return task.method if task.psst == NO_PSST else f"{task.method} · PSST {task.psst}"
+
+
 # --- formatting -------------------------------------------------------------------------------
 
-def fmt_score(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
+def fmt_score(value: float | None, spread: float | None = None) -> str:
+    if value is None:
+        return "–"
+    if spread is None or not math.isfinite(spread):
+        return f"{100 * value:.1f}"
+    return f"{100 * value:.1f} ± {100 * spread:.1f}"
 
 
-def fmt_params(count: int) -> str:
+def fmt_params(count: float) -> str:
     """3 significant digits with k/M/G: 12.3k, 1.35M."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(count) >= scale:
             value = count / scale
             return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f}{suffix}"
-    return str(count)
+    return str(round(count))
 
 
 def fmt_bytes(count: int) -> str:
@@ -224,24 +340,59 @@ def _group_names(tasks: Iterable[TaskResult]) -> list[str]:
     return sorted({g for t in tasks for g in t.groups})
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def column_average(tasks: Sequence[TaskResult]) -> tuple[float | None, float | None]:
+    """Mean over tasks of their main metric, with its spread over seeds: per seed the average
+    over the tasks, then mean and sample std over the seeds every task has."""
+    per_seed = [t.per_seed(t.main_key) for t in tasks]
+    seeds = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    if seeds:
+        return _mean_std([sum(s[seed] for s in per_seed) / len(per_seed) for seed in seeds])
+    means = [t.main for t in tasks if t.main is not None]
+    return (sum(means) / len(means), None) if means else (None, None)
+
+
 # --- README -----------------------------------------------------------------------------------
 
 def readme(tasks: Sequence[TaskResult], incomplete: Mapping[str, str], loras: Mapping[str, ModalityLora],
-           totals: Mapping[str, Any], figures: Sequence[str], predictions: Mapping[str, str]) -> str:
+           totals: Mapping[str, Any], figures: Sequence[str], predictions: Mapping[str, str],
+           probes: Mapping[str, dict[str, Any]], foundations: Mapping[str, dict[str, Any]],
+           scale: Mapping[str, Any] | None) -> str:
     lines = ["# xmodal report", ""]
-    random_init = [t.name for t in tasks if t.info["backbone"]["is_random_init"]]
+    random_init = [t.name for t in tasks if t.backbone["is_random_init"]]
     if random_init:
         lines += [f"> **Warning — {RANDOM_INIT_WARNING}** (tasks: {', '.join(random_init)}).", ""]
-    lines += [(f"{len(tasks)} task(s) evaluated. Scores are ×100; per-group columns are the evaluation "
-               "groups (e.g. day/dusk/night). Protocols are in each task's `eval/metrics.json`."), ""]
+    descriptions = sorted({t.backbone.get("weights_description", "?") for t in tasks if not t.backbone["is_random_init"]})
+    built_here = {f["description"] for f in foundations.values()}
+    for description in descriptions:
+        note = (" — pretrained by this DAG on synthetic images (section Foundation models): the numbers measure "
+                "the method on a miniature, not what SAM 2 reaches on real data") if description in built_here else ""
+        lines += [f"> **Encoder: {description}**{note}.", ""]
+    lines += [(f"{len(tasks)} task(s) evaluated. Scores are ×100, mean ± sample std over a task's seeds when it "
+               "has several; per-group columns are the evaluation groups (e.g. day/dusk/night). Protocols are in "
+               "each task's `eval/metrics.json`."), ""]
     if incomplete:
         lines += ["Incomplete, not reported: " + "; ".join(f"`{n}` ({why})" for n, why in incomplete.items()), ""]
+    lines += findings_section(tasks, probes, foundations)
     lines += _results_section(tasks)
+    lines += _ablation_section(tasks)
+    lines += _label_efficiency_section(tasks)
     lines += _comparison_section(tasks, "method", "Method comparison",
                                  "Tasks on the same dataset, streams, head and label fraction.")
     lines += _comparison_section(tasks, "streams", "Stream comparison",
-                                 "Tasks with the same dataset, head, method and label fraction.")
+                                 "Tasks with the same dataset, head, method, LoRA set and label fraction.")
+    lines += _stage1_section(probes, loras)
+    lines += _foundation_section(foundations)
     lines += _efficiency_section(tasks, loras, totals)
+    lines += _paper_scale_section(scale)
     if figures or predictions:
         lines += ["## Figures", ""]
         lines += [f"![{name}]({name})" for name in figures]
@@ -256,12 +407,54 @@ def _results_section(tasks: Sequence[TaskResult]) -> list[str]:
         if not members:
             continue
         groups = _group_names(members)
-        header = ["task", "dataset", "streams", "method", "labels", label, second_label,
+        header = ["task", "dataset", "streams", "method", "PSST", "labels", "seeds", label, second_label,
                   *(f"{label} {g}" for g in groups)]
-        rows = ([t.name, t.dataset, t.streams, t.method, fmt_fraction(t.config["label_fraction"]),
-                 fmt_score(t.score(main)), fmt_score(t.score(second)), *(fmt_score(t.score(main, g)) for g in groups)]
+        rows = ([t.name, t.dataset, t.streams, t.method, t.psst, fmt_fraction(t.label_fraction), str(len(t.seeds)),
+                 t.cell(main), t.cell(second), *(t.cell(main, g) for g in groups)]
                 for t in members)
         lines += [f"### {head}", "", *_table(header, rows)]
+    return lines
+
+
+def _ablation_section(tasks: Sequence[TaskResult]) -> list[str]:
+    tables = psst_ablations(tasks)
+    if not tables:
+        return []
+    lines = ["## PSST ablation", "",
+             ("The seed paper's ablation layout: rows are the PSST mode of the modality LoRAs (each its own "
+              "Stage-1 run, same schedule and seeds), columns the tasks; Stage 2 is identical in every row. "
+              "Avg is over the mIoU columns, its spread over seeds of the per-seed average."), ""]
+    for (method, fraction), rows in tables.items():
+        columns = sorted({c for row in rows.values() for c in row})
+        seg_columns = [c for c in columns if c[2] == "segmentation"]
+        header = ["configuration", *(f"{streams} {HEAD_METRICS[head][1]}" for _, streams, head in columns)]
+        header += ["Avg mIoU"] if seg_columns else []
+        body = []
+        for mode in sorted(rows, key=lambda m: list(PSST_ROWS).index(m) if m in PSST_ROWS else len(PSST_ROWS)):
+            row = rows[mode]
+            cells = [row[c].cell() if c in row else "–" for c in columns]
+            if seg_columns:
+                present = [row[c] for c in seg_columns if c in row]
+                cells.append(fmt_score(*column_average(present)) if len(present) == len(seg_columns) else "–")
+            body.append([f"{PSST_ROWS.get(mode, mode)} (`{mode}`)", *cells])
+        datasets = ", ".join(sorted({c[0] for c in columns}))
+        lines += [f"### {method} · {datasets} · labels {fmt_fraction(fraction)}", "", *_table(header, body)]
+    return lines
+
+
+def _label_efficiency_section(tasks: Sequence[TaskResult]) -> list[str]:
+    groups = label_efficiency_groups(tasks)
+    if not groups:
+        return []
+    lines = ["## Label efficiency", "",
+             "The main metric against the share of labelled training images (same schedule for every fraction).", ""]
+    for (dataset, streams, head), series in groups.items():
+        fractions = sorted({f for points in series.values() for f in points})
+        label = HEAD_METRICS[head][1]
+        header = ["method", *(fmt_fraction(f) for f in fractions)]
+        rows = ([name, *(points[f].cell() if f in points else "–" for f in fractions)]
+                for name, points in sorted(series.items()))
+        lines += [f"### {dataset} · {streams} · {head}: {label}", "", *_table(header, rows)]
     return lines
 
 
@@ -270,17 +463,79 @@ def _comparison_section(tasks: Sequence[TaskResult], vary: str, title: str, note
     if not groups:
         return []
     lines = [f"## {title}", "", note, ""]
-    for members in groups.values():
+    for key, members in groups.items():
         first = members[0]
         main, label = HEAD_METRICS[first.head][:2]
         names = _group_names(members)
-        shared = [getattr(first, k) for k in COMPARED if k != vary]
-        lines += [f"### {' · '.join(shared)} · labels {fmt_fraction(first.config['label_fraction'])}", ""]
-        header = [vary, "task", label, *(f"{label} {g}" for g in names), "trainable params"]
-        rows = ([getattr(t, vary), t.name, fmt_score(t.main), *(fmt_score(t.score(main, g)) for g in names),
+        shared = [fmt_fraction(v) if k == "label_fraction" else str(v) for k, v in zip(SHARED[vary], key)]
+        lines += [f"### {' · '.join(shared)}", ""]
+        header = [vary, "task", "PSST", label, *(f"{label} {g}" for g in names), "trainable params"]
+        rows = ([getattr(t, vary), t.name, t.psst, t.cell(main), *(t.cell(main, g) for g in names),
                  fmt_params(t.train["parameters"]["trainable"])] for t in members)
         lines += _table(header, rows)
     return lines
+
+
+def _stage1_section(probes: Mapping[str, dict[str, Any]], loras: Mapping[str, ModalityLora]) -> list[str]:
+    if not probes and not loras:
+        return []
+    lines = ["## Stage 1 diagnostics", ""]
+    probed = {run: p for run, p in probes.items() if p.get("probed")}
+    if probed:
+        lines += [("Linear probe (ridge regression on frozen stride-8 features, fitted on one labelled split and "
+                   "scored on another: `probe_lora@<run>`) of the encoder on RGB, on the modality without a LoRA "
+                   "(the modality gap), after the warm-up, and with the exported modality LoRA. mIoU ×100."), ""]
+        header = ["run", "modality", "PSST", "RGB", "no LoRA", "warm-up LoRA", "modality LoRA", "Δ LoRA",
+                  "no LoRA night", "modality LoRA night"]
+        rows = []
+        for run, probe in probed.items():
+            s = probe["summary"]
+            rows.append([run, probe["modality"], probe["mode"], fmt_score(s["rgb"]["miou"]),
+                         fmt_score(s["foundation"]["miou"]), fmt_score(s.get("warmup", {}).get("miou")),
+                         fmt_score(s["lora"]["miou"]), f"{100 * probe['lora_gain_miou']:+.1f}",
+                         fmt_score(s["foundation"].get("miou_night")), fmt_score(s["lora"].get("miou_night"))])
+        lines += _table(header, rows)
+    if loras:
+        stages = sorted({k for lo in loras.values() for k in lo.provenance.get("lora_update", {}) if k != "all"})
+        lines += ["How far each exported LoRA moves the frozen encoder: ‖ΔW‖ / ‖W‖ of the adapted qkv "
+                  "weights per encoder stage, and the MAE loss on a fixed probe of pool images before the "
+                  "warm-up and after the last phase.", ""]
+        header = ["LoRA", "PSST", *stages, "all", "MAE probe before", "MAE probe after"]
+        rows = []
+        for lo in loras.values():
+            update = lo.provenance.get("lora_update", {})
+            warmup, joint = (lo.provenance.get("losses", {}).get(k, {}) for k in ("warmup", "joint"))
+            after = joint.get("probe_loss_mae_after", warmup.get("probe_loss_mae_after"))
+            rows.append([lo.name, lo.provenance.get("psst", {}).get("mode", "–"),
+                         *(_fmt_ratio(update.get(s)) for s in stages), _fmt_ratio(update.get("all")),
+                         _fmt_float(warmup.get("probe_loss_mae_before")), _fmt_float(after)])
+        lines += _table(header, rows)
+    return lines
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _fmt_float(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _foundation_section(foundations: Mapping[str, dict[str, Any]]) -> list[str]:
+    if not foundations:
+        return []
+    lines = ["## Foundation models", "",
+             ("Encoders pretrained by the DAG (`foundation@<name>`): supervised segmentation on an RGB-only corpus "
+              "disjoint from every task split; held-out RGB scores of the pretraining decoder, ×100."), ""]
+    groups = sorted({g for f in foundations.values() for g in f["held_out"]["groups"]})
+    header = ["foundation", "description", "architecture", "parameters", "corpus images", "train s", "mIoU",
+              *(f"mIoU {g}" for g in groups)]
+    rows = ([name, f["description"], ", ".join(f"{k}={v}" for k, v in f["architecture"].items()),
+             fmt_params(f["parameters"]), str(f["corpus"]["train_images"]), f"{f['train_seconds']:.0f}",
+             fmt_score(f["held_out"]["overall"]["miou"]),
+             *(fmt_score(f["held_out"]["groups"].get(g, {}).get("miou")) for g in groups)]
+            for name, f in foundations.items())
+    return lines + _table(header, rows)
 
 
 def _efficiency_section(tasks: Sequence[TaskResult], loras: Mapping[str, ModalityLora],
@@ -288,7 +543,7 @@ def _efficiency_section(tasks: Sequence[TaskResult], loras: Mapping[str, Modalit
     if not tasks:
         return []
     header = ["task", "method", "trainable params", "total params", "trainable weights", "modality LoRAs reused",
-              "train s", "peak GPU memory"]
+              "train s (per seed)", "peak GPU memory"]
     rows = ([t.name, t.method, fmt_params(t.train["parameters"]["trainable"]),
              fmt_params(t.train["parameters"]["total"]), fmt_bytes(t.train["trainable_bytes"]),
              _reused(t), f"{t.train['train_seconds']:.1f}", _peak_memory(t.train.get("peak_gpu_memory_mb"))]
@@ -306,7 +561,9 @@ def _efficiency_section(tasks: Sequence[TaskResult], loras: Mapping[str, Modalit
     if totals["missing_loras"]:
         lines += [f"Not found in the LoRA folder, not counted: {', '.join(totals['missing_loras'])}.", ""]
     if loras:
-        used_by = {name: [t.name for t in tasks if name in t.info.get("modality_loras", {})] for name in loras}
+        used_by = {name: [t.name for t in tasks if name in {lora_key(r["dir"]) for r in
+                                                            t.summary.get("modality_loras", {}).values()}]
+                   for name in loras}
         header = ["modality LoRA", "rank", "parameters", "artifact", "PSST mode", "used by"]
         rows = ([lo.name, str(lo.provenance["lora"]["rank"]), fmt_params(lo.parameters), fmt_bytes(lo.bytes),
                  str(lo.provenance.get("psst", {}).get("mode", "–")), ", ".join(used_by[lo.name]) or "–"]
@@ -315,8 +572,35 @@ def _efficiency_section(tasks: Sequence[TaskResult], loras: Mapping[str, Modalit
     return lines
 
 
+def _paper_scale_section(scale: Mapping[str, Any] | None) -> list[str]:
+    if not scale:
+        return []
+    tasks = scale["tasks"]
+    lines = ["## Efficiency at the seed paper's scale", "",
+             (f"The same modules built on {scale['backbone']} for {len(tasks)} tasks and counted without training "
+              f"(`paper_scale` stage): the frozen encoder once, each modality LoRA once (rank "
+              f"{scale['lora']['rank']} on {', '.join(scale['lora']['targets'])}), every task's own "
+              f"{scale['method']} parts."), ""]
+    header = ["task", "streams", "classes", "trainable params"]
+    rows = [[name, "+".join(t["streams"]), str(t["classes"]), fmt_params(t["trainable"])] for name, t in tasks.items()]
+    lines += _table(header, rows)
+    loras = scale["modality_loras"]
+    lora_text = ", ".join(f"{m} {fmt_params(n)}" for m, n in loras.items()) or "none"
+    lines += [(f"**Cumulative over {len(tasks)} tasks:** encoder {fmt_params(scale['encoder_parameters'])} (frozen, "
+               f"shared) + modality LoRAs ({lora_text}) + task parts {fmt_params(scale['task_trainable'])} = "
+               f"**{fmt_params(scale['total'])} total, {fmt_params(scale['trainable'])} trainable**."), ""]
+    reported = scale.get("reported") or {}
+    if reported:
+        header = ["", "total", "trainable"]
+        rows = [["xmodal (counted)", fmt_params(scale["total"]), fmt_params(scale["trainable"])]]
+        rows += [[f"{name} (reported)", f"{v['total']:.1f}M" if "total" in v else "–",
+                  f"{v['trainable']:.1f}M" if "trainable" in v else "–"] for name, v in reported.items()]
+        lines += _table(header, rows)
+    return lines
+
+
 def _reused(task: TaskResult) -> str:
-    names = sorted(task.info.get("modality_loras", {}))
+    names = sorted(lora_key(r["dir"]) for r in task.summary.get("modality_loras", {}).values())
     return f"{'+'.join(names)} ({fmt_bytes(task.train['modality_lora_bytes'])})" if names else "–"
 
 
@@ -328,15 +612,92 @@ def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "–"
 
 
+# --- what the demo shows ------------------------------------------------------------------------
+
+def _difference(better: TaskResult | Sequence[TaskResult], worse: TaskResult | Sequence[TaskResult]) -> str:
+    """"+x.x (seed std a / b)" for the main metric (or the average over tasks), with a verdict:
+    a difference within the larger seed spread is called within noise."""
+    def summary(tasks: TaskResult | Sequence[TaskResult]) -> tuple[float | None, float | None]:
+        return column_average([tasks] if isinstance(tasks, TaskResult) else list(tasks))
+
+    (a, a_std), (b, b_std) = summary(better), summary(worse)
+    if a is None or b is None:
+        return "–"
+    delta = 100 * (a - b)
+    if a_std is None or b_std is None:
+        return f"{delta:+.1f} (one seed: no spread measured)"
+    spread = 100 * max(a_std, b_std)
+    verdict = "larger than" if abs(delta) > spread else "within"
+    return f"{delta:+.1f} ({verdict} the seed spread, std {100 * a_std:.1f} / {100 * b_std:.1f})"
+
+
+def findings_section(tasks: Sequence[TaskResult], probes: Mapping[str, dict[str, Any]],
+                     foundations: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Bullets generated from the metrics: what the measured comparisons say, with their spread."""
+    bullets: list[str] = []
+    for name, f in foundations.items():
+        groups = f["held_out"]["groups"]
+        per_group = ", ".join(f"{g} {fmt_score(m.get('miou'))}" for g, m in groups.items())
+        bullets.append(f"Foundation model `{name}` ({f['description']}): held-out RGB mIoU "
+                       f"{fmt_score(f['held_out']['overall']['miou'])} ({per_group}) after "
+                       f"{f['steps']} steps on {f['corpus']['train_images']} RGB images.")
+    for run, probe in probes.items():
+        if probe.get("probed"):
+            s = probe["summary"]
+            bullets.append(
+                f"Modality gap, {probe['modality']} (`{run}`, PSST {probe['mode']}): a linear probe of the frozen "
+                f"features reads {fmt_score(s['rgb']['miou'])} mIoU from RGB but {fmt_score(s['foundation']['miou'])} "
+                f"from {probe['modality']} without a LoRA, and {fmt_score(s['lora']['miou'])} with the modality LoRA "
+                f"({100 * probe['lora_gain_miou']:+.1f}).")
+    for (method, fraction), rows in psst_ablations(tasks).items():
+        if "none" not in rows:
+            continue
+        baseline = [t for t in rows["none"].values() if t.head == "segmentation"]
+        for mode in (m for m in PSST_ROWS if m in rows and m != "none"):
+            same = [rows[mode][k] for k in rows["none"] if k in rows[mode] and k[2] == "segmentation"]
+            if same and len(same) == len(baseline):
+                bullets.append(f"PSST ablation ({method}, {fmt_fraction(fraction)} labels, {len(same)} segmentation "
+                               f"tasks): {PSST_ROWS[mode]} vs Stage 2 only: average mIoU "
+                               f"{_difference(same, baseline)}.")
+    for (dataset, streams, head), series in label_efficiency_groups(tasks).items():
+        fractions = sorted({f for points in series.values() for f in points})
+        for fraction in (fractions[0], fractions[-1]):
+            here = {name: points[fraction] for name, points in series.items() if fraction in points}
+            best = max(here.items(), key=lambda item: item[1].main or -1.0)
+            ranked = ", ".join(f"{name} {t.cell()}" for name, t in sorted(here.items(), key=lambda i: -(i[1].main or 0)))
+            bullets.append(f"Labels, {dataset} {streams} {head} at {fmt_fraction(fraction)}: best {best[0]}; "
+                           f"{ranked}.")
+    for members in comparisons(tasks, vary="streams").values():
+        single = [t for t in members if "+" not in t.streams]
+        multi = [t for t in members if "+" in t.streams]
+        for rgb in single:
+            for fused in multi:
+                key = rgb.main_key
+                groups = [g for g in ("night",) if g in rgb.groups and g in fused.groups]
+                night = "".join(f"; at night {fmt_score(fused.score(key, g))} vs {fmt_score(rgb.score(key, g))}"
+                                for g in groups)
+                bullets.append(f"Streams ({fused.method}, {fmt_fraction(fused.label_fraction)} labels): "
+                               f"{fused.streams} vs {rgb.streams}: {HEAD_METRICS[fused.head][1]} "
+                               f"{_difference(fused, rgb)}{night}.")
+    if not bullets:
+        return []
+    return ["## What the demo shows", "",
+            "Generated from the metrics below; a difference is called within the seed spread when it is smaller "
+            "than the larger of the two standard deviations over seeds.", "",
+            *(f"- {b}" for b in bullets), ""]
+
+
 # --- CSVs -------------------------------------------------------------------------------------
 
 def metrics_row(task: TaskResult) -> dict[str, Any]:
     """Identity columns, then every number of metrics.json by its JSON path (overall.miou,
-    groups.night.per_class_iou.car); lists such as the confusion matrix stay in the JSON."""
+    groups.night.per_class_iou.car, overall_std.miou); lists stay in the JSON."""
     return {"task": task.name, "dataset": task.dataset, "streams": task.streams, "head": task.head,
-            "method": task.method, "label_fraction": task.config["label_fraction"],
-            "is_random_init": task.info["backbone"]["is_random_init"], "main_metric": HEAD_METRICS[task.head][0],
-            **_flatten("overall", task.metrics["overall"]), **_flatten("groups", task.metrics.get("groups", {}))}
+            "method": task.method, "psst": task.psst, "label_fraction": task.label_fraction,
+            "seeds": len(task.seeds), "is_random_init": task.backbone["is_random_init"],
+            "main_metric": task.main_key,
+            **_flatten("overall", task.metrics["overall"]), **_flatten("groups", task.metrics.get("groups", {})),
+            **_flatten("overall_std", task.metrics.get("overall_std", {}))}
 
 
 def efficiency_row(task: TaskResult) -> dict[str, Any]:
@@ -344,7 +705,7 @@ def efficiency_row(task: TaskResult) -> dict[str, Any]:
     return {"task": task.name, "method": task.method, "streams": task.streams,
             "trainable_params": train["parameters"]["trainable"], "total_params": train["parameters"]["total"],
             "trainable_bytes": train["trainable_bytes"],
-            "modality_loras": "+".join(sorted(task.info.get("modality_loras", {}))),
+            "modality_loras": "+".join(sorted(lora_key(r["dir"]) for r in task.summary.get("modality_loras", {}).values())),
             "modality_lora_bytes": train["modality_lora_bytes"], "train_seconds": train["train_seconds"],
             "steps": train["steps"], "effective_batch": train["effective_batch"],
             "labeled_images": train["labeled_images"], "peak_gpu_memory_mb": train.get("peak_gpu_memory_mb")}
@@ -373,7 +734,7 @@ def main_metric_figure(tasks: Sequence[TaskResult], path: Path) -> None:
     """Each task's main metric (mIoU or S-measure), overall and per group, as grouped bars."""
     series = {"overall": [t.main for t in tasks]}
     for group in _group_names(tasks):
-        series[group] = [t.score(HEAD_METRICS[t.head][0], group) for t in tasks]
+        series[group] = [t.score(t.main_key, group) for t in tasks]
     figure = Figure(figsize=(max(6.0, 1.2 * len(tasks) + 2), 4.5), layout="constrained")
     axes = figure.add_subplot()
     _bars(axes, [f"{t.name}\n({HEAD_METRICS[t.head][1]})" for t in tasks], series)
@@ -390,9 +751,32 @@ def methods_figure(groups: Mapping[tuple, Sequence[TaskResult]], path: Path) -> 
         names = _group_names(members)
         axes = figure.add_subplot(len(groups), 1, index)
         _bars(axes, ["overall", *names],
-              {f"{t.method} ({t.name})": [t.main, *(t.score(main, g) for g in names)] for t in members})
+              {f"{series_name(t)} ({t.name})": [t.main, *(t.score(main, g) for g in names)] for t in members})
         axes.set_title(f"{first.dataset} · {first.streams} · {first.head} · labels "
-                       f"{fmt_fraction(first.config['label_fraction'])}: {label} ×100")
+                       f"{fmt_fraction(first.label_fraction)}: {label} ×100")
+    _save(figure, path)
+
+
+def label_efficiency_figure(groups: Mapping[tuple, Mapping[str, Mapping[float, TaskResult]]], path: Path) -> None:
+    """One panel per (dataset, streams, head): the main metric against the label fraction (log
+    axis), a line per series with the seed std as error bars."""
+    figure = Figure(figsize=(7.0, 4.2 * len(groups)), layout="constrained")
+    for index, ((dataset, streams, head), series) in enumerate(groups.items(), start=1):
+        axes = figure.add_subplot(len(groups), 1, index)
+        for name, points in sorted(series.items()):
+            fractions = sorted(points)
+            means = [100 * (points[f].main or np.nan) for f in fractions]
+            stds = [100 * (points[f].spread(points[f].main_key) or 0.0) for f in fractions]
+            axes.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=name,
+                          linestyle="--" if "none" in name else "-")
+        axes.set_xscale("log")
+        fractions = sorted({f for points in series.values() for f in points})
+        axes.set_xticks(fractions, [fmt_fraction(f) for f in fractions])
+        axes.set_xlabel("labelled training images")
+        axes.set_ylabel(f"{HEAD_METRICS[head][1]} ×100")
+        axes.set_title(f"Label efficiency: {dataset} · {streams} · {head}")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
     _save(figure, path)
 
 

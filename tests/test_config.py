@@ -58,13 +58,25 @@ def test_every_preset_composes_to_a_consistent_dag(experiment):
     """Each task names a known method and dataset, its streams are modalities (or rgb), and
     each modality's pool is a dataset: what the DAG's `foreach` stages will look up."""
     params = yaml.safe_load(compose_params([f"experiment={experiment}"] if experiment else [], REPO / "conf"))
+    sets = {(lora["set"], lora["modality"]) for lora in params["loras"].values()}
     for name, task in params["tasks"].items():
         assert task["method"] in params["methods"], name
         assert task["dataset"] in params["datasets"], name
         assert set(task["streams"]) - {"rgb"} <= set(params["modalities"]), name
         assert params["methods"][task["method"]]["name"] == task["method"]
+        assert {lora_set for lora_set, _ in sets} >= {task["lora_set"]}, name  # data/lora/<set> is built
+        if params["methods"][task["method"]]["modality_loras"]:
+            assert all((task["lora_set"], s) in sets for s in task["streams"] if s != "rgb"), name
+        assert isinstance(task["seeds"], list) and task["seeds"], name
     for modality in params["modalities"].values():
         assert modality["dataset"] in params["datasets"]
+        assert not modality.get("probe") or modality["probe"]["dataset"] in params["datasets"]
+    for key, lora in params["loras"].items():
+        assert lora["modality"] in params["modalities"] and lora["dataset"] in params["datasets"], key
+    for foundation in params["foundations"].values():
+        assert foundation["dataset"] in params["datasets"]
+    if params["backbone"]["weights"] == "checkpoint" and params["backbone"]["checkpoint"].startswith("data/foundation/"):
+        assert params["backbone"]["checkpoint"].split("/")[2] in params["foundations"]  # built by the DAG
 
 
 def test_paper_presets_pick_their_papers_settings():
@@ -81,3 +93,38 @@ def test_paper_presets_pick_their_papers_settings():
     assert sod["tasks"]["vt5000_rgbt_sod"]["decoder"]["architecture"] == "progressive"  # CPNet-style
     cola = yaml.safe_load(compose_params(["experiment=cola_mfnet"], REPO / "conf"))
     assert cola["methods"]["cola"]["cola"] == {"rank": 16, "alpha": 16.0, "targets": ["q", "k", "v", "o", "fc1", "fc2"]}
+
+
+def test_real_data_presets_use_real_weights_and_no_demo_foundation():
+    for experiment in ("mfnet", "cola_mfnet", "iv_tuning_mfnet_swin_l", "iv_tuning_vt5000_swin_l"):
+        params = yaml.safe_load(compose_params([f"experiment={experiment}"], REPO / "conf"))
+        assert params["foundations"] == {} and params["backbone"]["weights"] == "pretrained", experiment
+        assert list(params["loras"]) == ["thermal"], experiment
+    assert yaml.safe_load(compose_params(["experiment=mfnet"], REPO / "conf"))["backbone"]["name"] == \
+        "sam2_hiera_base_plus"
+
+
+def test_psst_ablation_preset_is_the_papers_rows_over_three_seeds():
+    params = yaml.safe_load(compose_params(["experiment=psst_ablation"], REPO / "conf"))
+    modes = {lora["set"]: lora["psst"]["mode"] for lora in params["loras"].values()}
+    assert modes == {"none": "none", "mae": "mae", "mae_dino": "mae+dino", "full": "full"}
+    rows: dict[str, set] = {}
+    for task in params["tasks"].values():
+        assert task["method"] == "tp_mome" and task["seeds"] == [0, 1, 2]
+        rows.setdefault(task["lora_set"], set()).add((tuple(task["streams"]), task["head"]))
+    assert set(rows) == set(modes) and len({frozenset(r) for r in rows.values()}) == 1  # every row, same tasks
+    schedules = {yaml.safe_dump({k: v for k, v in t.items() if k != "lora_set"}) for t in params["tasks"].values()
+                 if tuple(t["streams"]) == ("rgb", "thermal") and t["head"] == "segmentation"}
+    assert len(schedules) == 1  # rows differ in their LoRA set only
+
+
+def test_label_efficiency_preset_sweeps_fractions_for_every_method():
+    params = yaml.safe_load(compose_params(["experiment=label_efficiency"], REPO / "conf"))
+    grid: dict[tuple, set] = {}
+    for task in params["tasks"].values():
+        assert task["seeds"] == [0, 1, 2] and task["streams"] == ["rgb", "thermal"]
+        key = (task["method"], task["lora_set"] if params["methods"][task["method"]]["modality_loras"] else None)
+        grid.setdefault(key, set()).add(task["label_fraction"])
+    assert set(grid) == {("tp_mome", "full"), ("tp_mome", "none"), ("freeze", None), ("full", None),
+                         ("lora", None), ("vpt", None)}
+    assert all(fractions == {0.05, 0.1, 0.2, 0.5, 1.0} for fractions in grid.values())

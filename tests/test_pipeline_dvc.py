@@ -1,8 +1,8 @@
-"""The DVC DAG end to end, in a fresh git copy of the project, at the `smoke` preset's sizes
-(without the method comparison, whose stages are the same as the tasks'): `dvc repro` runs
-demo -> shards -> PSST -> modality LoRAs -> finetune/evaluate per task -> report, a second
-`dvc repro` has nothing to do, and `dvc exp run -S` applies Hydra overrides: changing one
-task re-runs only that task, adding a task re-runs no Stage-1 stage."""
+"""The DVC DAG end to end, in a fresh git copy of the project, at the `smoke` preset's sizes:
+`dvc repro` runs demo -> shards -> the demo foundation model -> PSST -> modality LoRAs and their
+probes -> finetune/evaluate per task -> report, a second `dvc repro` has nothing to do, and
+`dvc exp run -S` applies Hydra overrides: changing one task re-runs only that task, adding a
+task re-runs no Stage-1 stage, and changing one Stage-1 run retrains no other LoRA."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from peft import PeftModel
 from tests.conftest import REPO
 
 TASKS = ("rgbt_seg", "rgb_seg", "rgbd_seg", "rgbtd_seg", "rgbt_sod")
+STAGE1 = ("psst_warmup", "psst_select", "psst_joint", "export_lora", "probe_lora")
 
 
 
@@ -51,9 +52,9 @@ def project(tmp_path_factory) -> Path:
     # `dvc exp run` recomposes params.yaml from conf/, so the preset goes into conf/ itself
     config = root / "conf" / "config.yaml"
     text = config.read_text()
-    assert "  - experiment: null" in text and "  - comparison: methods" in text
+    assert "  - experiment: null" in text
     text = text.replace("  - experiment: null", "  - experiment: smoke")
-    config.write_text(text.replace("  - comparison: methods", "  - comparison: none"))
+    config.write_text(text)
     run(root, "git", "init", "-q")
     run(root, sys.executable, "-m", "pipeline.cli", "compose")
     run(root, "git", "add", "-A")
@@ -71,17 +72,24 @@ def test_repro_then_nothing_to_do_then_experiment(project):
     assert manifest["class_names"][4] == "person"
     pool = json.loads((project / "data/shards/demo_thermal_pool/manifest.json").read_text())
     assert pool["splits"]["unlabeled"]["samples"] == 8
+    foundation = json.loads((project / "metrics/foundation/demo_hiera/train.json").read_text())
+    assert foundation["trained"] and foundation["corpus"]["train_images"] == 8
+    assert json.loads((project / "data/foundation/index.json").read_text())["foundations"]["demo_hiera"]
     for modality in ("thermal", "depth"):
         warmup = json.loads((project / f"metrics/psst/{modality}/warmup.json").read_text())
-        assert warmup["trained"] and warmup["is_random_init"]
+        assert warmup["trained"] and not warmup["is_random_init"]
+        assert warmup["weights_description"] == "demo foundation model (synthetic RGB)"
         assert (project / f"metrics/psst/{modality}/score_histogram.csv").is_file()
-        lora = project / "data" / "lora" / modality
+        lora = project / "data" / "lora" / "default" / modality
         provenance = json.loads((lora / "xmodal.json").read_text())
         assert provenance["modality"]["name"] == modality and provenance["psst"]["mode"] == "full"
         assert sorted(p.name for p in lora.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "xmodal.json"]
+        probe = json.loads((project / f"metrics/psst/{modality}/probe.json").read_text())
+        assert probe["probed"] and set(probe["summary"]) == {"rgb", "foundation", "warmup", "lora"}
     import timm
 
-    PeftModel.from_pretrained(timm.create_model("sam2_hiera_tiny"), str(project / "data/lora/thermal"))
+    encoder = provenance["backbone"]
+    PeftModel.from_pretrained(timm.create_model(encoder["backbone"], **encoder["model_args"]), str(lora))
 
     status = run(project, *dvc, "status")
     assert "up to date" in status
@@ -91,10 +99,14 @@ def test_repro_then_nothing_to_do_then_experiment(project):
     for task in TASKS:
         evaluation = json.loads((project / f"metrics/tasks/{task}/eval.json").read_text())
         assert evaluation["protocol"]["split"] == "test" and set(evaluation["groups"]) == {"day", "dusk", "night"}
-        assert (project / f"data/tasks/{task}/model/task.json").is_file()
+        assert (project / f"data/tasks/{task}/model/seed0/task.json").is_file()
     assert evaluation["head"] == "sod" and "s_measure" in evaluation["overall"]
     report = (project / "reports" / "README.md").read_text()
-    assert all(f"| {task} |" in report for task in TASKS) and "random-initialised encoder" in report
+    assert all(f"| {task} |" in report for task in TASKS)
+    assert "Encoder: demo foundation model (synthetic RGB)" in report and "random-initialised" not in report
+    for section in ("What the demo shows", "Stage 1 diagnostics", "Foundation models",
+                    "Efficiency at the seed paper's scale"):
+        assert f"## {section}" in report, section
     shown = json.loads(run(project, *dvc, "metrics", "show", "--json"))
     listed = json.dumps(shown)
     assert all(f"metrics/tasks/{task}/eval.json" in listed for task in TASKS)
@@ -110,9 +122,15 @@ def test_repro_then_nothing_to_do_then_experiment(project):
     assert stages_run(ran) == {"finetune@extra", "evaluate@extra", "report"}  # Stage 1 reused
     assert "| extra |" in (project / "reports" / "README.md").read_text()
 
+    ran = run(project, *dvc, "exp", "run", "-S", "loras.thermal.psst.mode=mae", "-n", "thermal-mae")
+    stage1 = {s for s in stages_run(ran) if s.split("@")[0] in STAGE1}
+    assert stage1 == {f"{s}@thermal" for s in STAGE1}  # the depth LoRA is not retrained
+    provenance = json.loads((project / "data/lora/default/thermal/xmodal.json").read_text())
+    assert provenance["psst"]["mode"] == "mae"
+
     shown = json.loads(run(project, *dvc, "exp", "show", "--json"))
     experiments = {exp.get("name"): exp for rev in shown for exp in (rev.get("experiments") or [])}
-    assert {"half-labels", "fifth-task"} <= set(experiments), shown
+    assert {"half-labels", "fifth-task", "thermal-mae"} <= set(experiments), shown
     data = experiments["half-labels"]["revs"][0]["data"]
     params = data["params"]["params.yaml"]["data"]
     assert params["tasks"]["rgbt_seg"]["label_fraction"] == 0.5 and params["demo"]["num_train"] == 6  # Hydra kept the rest
