@@ -507,17 +507,13 @@ def _stage1_section(probes: Mapping[str, dict[str, Any]], loras: Mapping[str, Mo
             warmup, joint = (lo.provenance.get("losses", {}).get(k, {}) for k in ("warmup", "joint"))
             after = joint.get("probe_loss_mae_after", warmup.get("probe_loss_mae_after"))
             rows.append([lo.name, lo.provenance.get("psst", {}).get("mode", "–"),
-                         *(_fmt_ratio(update.get(s)) for s in stages), _fmt_ratio(update.get("all")),
-                         _fmt_float(warmup.get("probe_loss_mae_before")), _fmt_float(after)])
+                         *(_fmt_decimal(update.get(s)) for s in stages), _fmt_decimal(update.get("all")),
+                         _fmt_decimal(warmup.get("probe_loss_mae_before")), _fmt_decimal(after)])
         lines += _table(header, rows)
     return lines
 
 
-def _fmt_ratio(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
-
-
-def _fmt_float(value: float | None) -> str:
+def _fmt_decimal(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 

@@ -3,9 +3,9 @@
 A task trained over several seeds reports, for every numeric leaf of its per-seed metrics
 (mIoU, a class IoU, a group's S-measure, a training time), the mean and the sample standard
 deviation (ddof = 1, the usual "mean ± std over n seeds"; 0 for a single run, or when every
-run gives the same value, which then keeps its type, e.g. a parameter count). Leaves that are
-not numbers (names, protocols) are kept when every run agrees and dropped otherwise; lists
-(confusion matrices) stay in the per-seed records, where they mean something.
+run gives the same value, which then keeps its type, e.g. a parameter count). Every other leaf
+(a name, the list of streams, a confusion matrix) is kept when every run agrees and dropped
+otherwise: differing confusion matrices stay in the per-seed records, where they mean something.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+_DROPPED = object()  # a leaf the runs disagree on (mean) or that has no spread (std)
+
+
 def _combine(values: list[Any]) -> tuple[Any, Any]:
     first = values[0]
     if all(isinstance(v, Mapping) for v in values):
@@ -33,22 +36,18 @@ def _combine(values: list[Any]) -> tuple[Any, Any]:
         for key in first:
             if all(key in v for v in values):
                 m, s = _combine([v[key] for v in values])
-                if m is not None:
+                if m is not _DROPPED:
                     mean[key] = m
-                if s is not None:
+                if s is not _DROPPED:
                     std[key] = s
         return mean, std
     if all(_is_number(v) for v in values):
         if all(v == first for v in values):  # e.g. parameter counts: the value itself, type kept
             return first, 0.0 if math.isfinite(first) else float("nan")
-        finite = [float(v) for v in values]
-        average = sum(finite) / len(finite)
-        if not all(math.isfinite(v) for v in finite):
+        floats = [float(v) for v in values]
+        average = sum(floats) / len(floats)
+        if not all(math.isfinite(v) for v in floats):
             return average, float("nan")
-        spread = math.sqrt(sum((v - average) ** 2 for v in finite) / (len(finite) - 1))
+        spread = math.sqrt(sum((v - average) ** 2 for v in floats) / (len(floats) - 1))
         return average, spread
-    if all(v is None for v in values):
-        return None, None
-    if isinstance(first, list):
-        return None, None
-    return (first, None) if all(v == first for v in values) else (None, None)
+    return (first if all(v == first for v in values) else _DROPPED), _DROPPED
