@@ -162,13 +162,36 @@ def lora_key(directory: str | Path) -> str:
     return f"{path.parent.name}/{path.name}"
 
 
+@dataclass(frozen=True)
+class InDag:
+    """What the current DAG builds (from params.yaml): the report leaves out the folders of
+    tasks, Stage-1 runs and foundations that an earlier experiment left in the workspace."""
+
+    tasks: frozenset[str]
+    runs: frozenset[str]  # keys of `loras`
+    loras: frozenset[str]  # their artifacts, `<set>/<modality>`
+    foundations: frozenset[str]
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> InDag:
+        loras = params.get("loras") or {}
+        return cls(frozenset(params.get("tasks") or {}), frozenset(loras),
+                   frozenset(f"{run['set']}/{run['modality']}" for run in loras.values()),
+                   frozenset(params.get("foundations") or {}))
+
+
 def write_report(tasks_dir: Path, lora_dir: Path, out_dir: Path, *, psst_dir: Path | None = None,
-                 foundation_dir: Path | None = None, paper_scale: Path | None = None) -> dict[str, Any]:
-    """Write `out_dir` (README.md, CSVs, PNGs) atomically; return a summary."""
-    tasks, incomplete = discover_tasks(Path(tasks_dir))
-    loras = discover_loras(Path(lora_dir))
-    probes = discover(psst_dir, f"*/{PROBE_METRICS}")
-    foundations = discover(foundation_dir, f"*/{FOUNDATION_INFO}")
+                 foundation_dir: Path | None = None, paper_scale: Path | None = None,
+                 dag: InDag | None = None) -> dict[str, Any]:
+    """Write `out_dir` (README.md, CSVs, PNGs) atomically; return a summary. With `dag`, only
+    what the current DAG builds is reported; without, everything found."""
+    def keep(found: dict[str, Any], names: frozenset[str] | None) -> dict[str, Any]:
+        return found if names is None else {k: v for k, v in found.items() if k in names}
+
+    tasks, incomplete = discover_tasks(Path(tasks_dir), None if dag is None else dag.tasks)
+    loras = keep(discover_loras(Path(lora_dir)), None if dag is None else dag.loras)
+    probes = keep(discover(psst_dir, f"*/{PROBE_METRICS}"), None if dag is None else dag.runs)
+    foundations = keep(discover(foundation_dir, f"*/{FOUNDATION_INFO}"), None if dag is None else dag.foundations)
     scale = read_json(Path(paper_scale)) if paper_scale is not None and Path(paper_scale).is_file() else None
     totals = cumulative(tasks, loras)
     method_groups = comparisons(tasks, vary="method")
@@ -203,12 +226,14 @@ def write_report(tasks_dir: Path, lora_dir: Path, out_dir: Path, *, psst_dir: Pa
     }
 
 
-def discover_tasks(tasks_dir: Path) -> tuple[list[TaskResult], dict[str, str]]:
-    """Task folders with both a trained model and an evaluation; the others with what they lack."""
+def discover_tasks(tasks_dir: Path, names: frozenset[str] | None = None) -> tuple[list[TaskResult], dict[str, str]]:
+    """Task folders (of `names`, if given) with both a trained model and an evaluation; the
+    others with what they lack."""
     if not tasks_dir.is_dir():
         raise FileNotFoundError(f"{tasks_dir} not found: run the finetune and evaluate stages first")
     tasks, incomplete = [], {}
-    for folder in sorted(p for p in tasks_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    folders = (p for p in tasks_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in sorted(p for p in folders if names is None or p.name in names):
         missing = [str(rel) for rel in (TASK_SUMMARY, EVAL_METRICS) if not (folder / rel).is_file()]
         if missing:
             incomplete[folder.name] = "missing " + ", ".join(missing)
@@ -521,8 +546,9 @@ def _foundation_section(foundations: Mapping[str, dict[str, Any]]) -> list[str]:
     if not foundations:
         return []
     lines = ["## Foundation models", "",
-             ("Encoders pretrained by the DAG (`foundation@<name>`): supervised segmentation on an RGB-only corpus "
-              "disjoint from every task split; held-out RGB scores of the pretraining decoder, ×100."), ""]
+             ("Encoders pretrained by the DAG (`foundation@<name>`) on an RGB-only corpus disjoint from every task "
+              "split, with masked image modelling and supervised segmentation in every step; held-out RGB scores "
+              "of the pretraining decoder, ×100."), ""]
     groups = sorted({g for f in foundations.values() for g in f["held_out"]["groups"]})
     header = ["foundation", "description", "architecture", "parameters", "corpus images", "train s", "mIoU",
               *(f"mIoU {g}" for g in groups)]
@@ -652,9 +678,9 @@ def findings_section(tasks: Sequence[TaskResult], probes: Mapping[str, dict[str,
         for mode in (m for m in PSST_ROWS if m in rows and m != "none"):
             same = [rows[mode][k] for k in rows["none"] if k in rows[mode] and k[2] == "segmentation"]
             if same and len(same) == len(baseline):
-                bullets.append(f"PSST ablation ({method}, {fmt_fraction(fraction)} labels, {len(same)} segmentation "
-                               f"tasks): {PSST_ROWS[mode]} vs Stage 2 only: average mIoU "
-                               f"{_difference(same, baseline)}.")
+                tasks_text = f"{len(same)} segmentation task{'s' if len(same) > 1 else ''}"
+                bullets.append(f"PSST ablation ({method}, {fmt_fraction(fraction)} labels, {tasks_text}): "
+                               f"{PSST_ROWS[mode]} vs Stage 2 only: average mIoU {_difference(same, baseline)}.")
     for (dataset, streams, head), series in label_efficiency_groups(tasks).items():
         fractions = sorted({f for points in series.values() for f in points})
         for fraction in (fractions[0], fractions[-1]):

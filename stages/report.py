@@ -1,7 +1,8 @@
 """DVC stage `report`: every task's metrics and costs, Stage 1's diagnostics -> reports/ (README, CSVs, figures).
 
 Usage: python -m stages.report <tasks_dir> <lora_dir> <out_dir> [--psst D] [--foundation D] [--paper-scale F]
-(reads no params: only stage outputs)
+(reads from params.yaml only which tasks, Stage-1 runs and foundations the DAG has; every number
+comes from the stage outputs)
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.report import write_report
+from pipeline.config import PARAMS_FILE, load_params
+from pipeline.report import InDag, write_report
 
 
 def main(tasks_dir: Path, lora_dir: Path, out_dir: Path, psst_dir: Path | None = None,
          foundation_dir: Path | None = None, paper_scale: Path | None = None) -> None:
+    dag = InDag.from_params(load_params()) if Path(PARAMS_FILE).is_file() else None
     summary = write_report(tasks_dir, lora_dir, out_dir, psst_dir=psst_dir, foundation_dir=foundation_dir,
-                           paper_scale=paper_scale)
+                           paper_scale=paper_scale, dag=dag)
     incomplete = f"; incomplete: {', '.join(summary['incomplete'])}" if summary["incomplete"] else ""
     print(f"report: {len(summary['tasks'])} task(s), {len(summary['figures'])} figure(s) -> "
           f"{out_dir / 'README.md'}{incomplete}")

@@ -29,11 +29,11 @@ def test_ridge_fit_equals_least_squares_on_standardised_features():
     augmented_z = np.vstack([z, np.sqrt(ridge * len(x)) * np.eye(6)])
     augmented_y = np.vstack([y_centred, np.zeros((6, 4))])
     expected, *_ = np.linalg.lstsq(augmented_z, augmented_y, rcond=None)
-    np.testing.assert_allclose(probe.weights.numpy(), expected, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(probe.weights.numpy(), expected, rtol=1e-4, atol=1e-5)  # float32 batch sums
 
     features = torch.tensor(x[:5].T[None, :, :, None])  # (1, C, 5, 1)
     scores = probe.scores(features)[0, :, :, 0].T.numpy()
-    np.testing.assert_allclose(scores, z[:5] @ expected + y.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, z[:5] @ expected + y.mean(0), rtol=1e-4, atol=1e-4)
 
 
 def _batches(count: int, size: int = 32, classes: int = 3, seed: int = 0) -> list[dict]:

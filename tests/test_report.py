@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.report import fmt_bytes, fmt_params, fmt_score, write_report
+from pipeline.report import InDag, fmt_bytes, fmt_params, fmt_score, write_report
 from stages.report import main as stage_main
 
 LORA_PARAMS = 300_000
@@ -286,7 +286,21 @@ def test_incomplete_task_is_listed(report: tuple[Path, dict[str, Any]]) -> None:
     assert "Incomplete, not reported: `broken` (missing eval/metrics.json)" in (out / "README.md").read_text()
 
 
-def test_rerun_replaces_the_folder(inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_only_what_the_dag_builds_is_reported(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """Folders an earlier experiment left behind (other tasks, LoRA sets, probes) are not reported."""
+    dag = InDag.from_params({"tasks": {"seg_tpmome": {}, "rgb_seg": {}, "broken": {}},
+                             "loras": {"thermal_full": {"set": "full", "modality": "thermal"}}, "foundations": {}})
+    summary = write_report(inputs["tasks"], inputs["lora"], tmp_path / "reports", psst_dir=inputs["psst"],
+                           foundation_dir=inputs["foundation"], dag=dag)
+    assert summary["tasks"] == ["rgb_seg", "seg_tpmome"] and summary["incomplete"] == {"broken": "missing eval/metrics.json"}
+    assert summary["cumulative"]["modality_loras"] == ["full/thermal"]
+    text = (tmp_path / "reports" / "README.md").read_text()
+    assert "| thermal_full |" in text and "full/depth" not in text and "## Foundation models" not in text
+
+
+def test_rerun_replaces_the_folder(inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the stage reports every folder it finds
     out = tmp_path / "reports"
     write_report(inputs["tasks"], inputs["lora"], out)
     (out / "stale.txt").write_text("from an older run")

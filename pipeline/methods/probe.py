@@ -36,7 +36,9 @@ class RidgeProbe:
     """Closed-form ridge regression of one-hot class targets on standardised features.
 
     `add` accumulates sums over (N, C) features and (N,) labels; `fit` solves
-    (Z^T Z + ridge * N * I) W = Z^T (Y - mean Y) with Z the standardised features.
+    (Z^T Z + ridge * N * I) W = Z^T (Y - mean Y) with Z the standardised features. Each batch's
+    products are computed on the features' device in their dtype and summed in float64 on the
+    CPU (a GPU's float64 is slow, and only the C x C sums need it); scores are float32.
     """
 
     def __init__(self, num_classes: int, ridge: float = 1e-2):
@@ -47,17 +49,16 @@ class RidgeProbe:
         self.weights: Tensor | None = None
 
     def add(self, features: Tensor, labels: Tensor) -> None:
-        x = features.double()
-        y = F.one_hot(labels.long(), self.num_classes).double()
+        x = features.float()
+        y = F.one_hot(labels.long(), self.num_classes).to(x.dtype)
+        sums = [x.sum(0), x.T @ x, x.T @ y, y.sum(0)]
+        sums = [t.double().cpu() for t in sums]
         if self.sum_x is None:
-            dim = x.shape[1]  # sums live on the features' device, in float64
-            self.sum_x, self.sum_xx = x.new_zeros(dim), x.new_zeros(dim, dim)
-            self.sum_xy, self.sum_y = x.new_zeros(dim, self.num_classes), x.new_zeros(self.num_classes)
+            self.sum_x, self.sum_xx, self.sum_xy, self.sum_y = sums
+        else:
+            for total, batch in zip((self.sum_x, self.sum_xx, self.sum_xy, self.sum_y), sums, strict=True):
+                total += batch
         self.count += x.shape[0]
-        self.sum_x += x.sum(0)
-        self.sum_xx += x.T @ x
-        self.sum_xy += x.T @ y
-        self.sum_y += y.sum(0)
 
     def fit(self) -> None:
         if not self.count:
@@ -69,15 +70,17 @@ class RidgeProbe:
         self.std = (covariance.diagonal() / n).clamp_min(1e-12).sqrt()
         gram = covariance / torch.outer(self.std, self.std)
         cross = (self.sum_xy - n * torch.outer(self.mean, self.mean_y)) / self.std[:, None]
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
         self.weights = torch.linalg.solve(gram + self.ridge * n * eye, cross)
 
     def scores(self, features: Tensor) -> Tensor:
-        """(B, C, h, w) features -> (B, K, h, w) class scores."""
+        """(B, C, h, w) features -> (B, K, h, w) class scores, float32 on the features' device."""
         if self.weights is None:
             raise RuntimeError("fit the probe first")
-        z = (features.double().movedim(1, -1) - self.mean) / self.std
-        return (z @ self.weights + self.mean_y).movedim(-1, 1).float()
+        mean, std, weights, mean_y = (t.to(device=features.device, dtype=torch.float32)
+                                      for t in (self.mean, self.std, self.weights, self.mean_y))
+        z = (features.float().movedim(1, -1) - mean) / std
+        return (z @ weights + mean_y).movedim(-1, 1)
 
 
 def _grid(images: Tensor) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -46,9 +47,8 @@ from pipeline.training.tasks import (
     fit_task_model,
     output_classes,
     save_prediction_figure,
-    schedule_steps,
 )
-from pipeline.training.trainer import config_hash, input_fingerprints, training_metrics
+from pipeline.training.trainer import config_hash, input_fingerprints, phase_steps, training_metrics
 
 CHECKPOINT = "model.safetensors"
 INFO = "foundation.json"
@@ -119,15 +119,16 @@ def run_foundation(params: Mapping[str, Any], name: str, shard_dir: Path, output
     tag = config_hash({"foundation": cfg, "trainer": section(params, "trainer"),
                        "inputs": input_fingerprints([shard_dir / MANIFEST])})
     seed = architecture.get("seed", 0)
-    module = FoundationPretraining(model, ignore_index=ignore_index, total_steps=schedule_steps(params, train),
+    module = FoundationPretraining(model, ignore_index=ignore_index, total_steps=phase_steps(params, train),
                                    optim=OptimSettings(**train["optim"]), objective=cfg["objective"], seed=seed)
     trainer, curve = fit_task_model(params, module, encoders, urls, shard_keys(urls), train, head=SEGMENTATION,
                                     foreground=(), seed=seed, run_name=f"foundation/{name}", tag=tag,
                                     run_dirs=run_dirs, curve_keys=CURVE)
     classes = {"names": class_names, "ignore_index": ignore_index, "palette": palette}
     transform = TaskSample(encoders, head=SEGMENTATION, geometry=None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Lightning hands the module back on the CPU
     held_out = evaluate_model(
-        model.eval(), task_eval_stream(shard_urls(shard_dir, evaluation_cfg["split"]), transform),
+        model.eval().to(device), task_eval_stream(shard_urls(shard_dir, evaluation_cfg["split"]), transform),
         head=SEGMENTATION, classes=classes, batch_size=evaluation_cfg["batch_size"],
         group_pattern=evaluation_cfg.get("group_pattern"), encoders=encoders,
         figure_samples=evaluation_cfg["figure_samples"], progress=progress, desc=f"evaluate foundation {name}")

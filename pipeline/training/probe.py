@@ -1,7 +1,7 @@
 """The `probe_lora@<run>` stage: does a modality LoRA make the modality easier to read?
 
 For one Stage-1 run, a linear probe (pipeline/methods/probe.py) of the frozen encoder's
-features is fitted and scored on a labelled dataset of the modality (`modalities.<m>.probe`,
+features is fitted and scored on a labelled dataset of the modality (`probe.datasets.<m>`,
 e.g. the demo's train/val splits; none for an unlabelled real pool such as HIT-UAV) for:
 
     rgb         the RGB images of the same scenes, no adapter: what the encoder reads natively
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import PhaseOutputs, atomic_dir, write_json
+from pipeline.config import section
 from pipeline.data.loading import shard_urls
 from pipeline.data.sharding import read_manifest
 from pipeline.data.types import RGB
@@ -39,13 +40,14 @@ def run_probe(params: Mapping[str, Any], lora: str, shards_root: Path, warmup_di
               outputs: PhaseOutputs, progress: bool = True) -> dict[str, Any]:
     """Probe the encoder with and without the run's LoRAs; write `outputs.folder`/metrics.json."""
     run = stage1_run(params, lora)
-    cfg = run.modality_cfg.get("probe")
+    cfg = section(params, "probe")
     metrics: dict[str, Any] = {"lora": lora, "set": run.set, "modality": run.modality, "mode": run.mode}
-    if not cfg:
-        metrics.update(probed=False, reason=f"modalities.{run.modality}.probe is not set: no labelled split to probe")
+    dataset = (cfg.get("datasets") or {}).get(run.modality)
+    if dataset is None:
+        metrics.update(probed=False, reason=f"probe.datasets has no {run.modality!r}: no labelled split to probe")
     else:
-        metrics.update(probed=True, **_probe_variants(params, run.modality, run.modality_cfg, cfg, run.mode, shards_root,
-                                                      warmup_dir, lora_dir, run.psst, progress))
+        metrics.update(probed=True, **_probe_variants(params, run.modality, run.modality_cfg, cfg, dataset, run.mode,
+                                                      shards_root, warmup_dir, lora_dir, run.psst, progress))
     with atomic_dir(outputs.folder) as tmp:
         write_json(tmp / "metrics.json", metrics)
     outputs.publish(metrics)
@@ -53,9 +55,9 @@ def run_probe(params: Mapping[str, Any], lora: str, shards_root: Path, warmup_di
 
 
 def _probe_variants(params: Mapping[str, Any], modality: str, modality_cfg: Mapping[str, Any],
-                    cfg: Mapping[str, Any], mode: str, shards_root: Path, warmup_dir: Path, lora_dir: Path,
-                    psst: Mapping[str, Any], progress: bool) -> dict[str, Any]:
-    shard_dir = shards_root / cfg["dataset"]
+                    cfg: Mapping[str, Any], dataset: str, mode: str, shards_root: Path, warmup_dir: Path,
+                    lora_dir: Path, psst: Mapping[str, Any], progress: bool) -> dict[str, Any]:
+    shard_dir = shards_root / dataset
     manifest = read_manifest(shard_dir)
     class_names, ignore_index, _ = output_classes(manifest, SEGMENTATION)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,7 +91,7 @@ def _probe_variants(params: Mapping[str, Any], modality: str, modality_cfg: Mapp
                                      group_pattern=cfg.get("group_pattern"))
     summary = {name: {"miou": r["overall"]["miou"], "pixel_accuracy": r["overall"]["pixel_accuracy"],
                       **{f"miou_{g}": m["miou"] for g, m in r["groups"].items()}} for name, r in results.items()}
-    return {"dataset": cfg["dataset"], "fit_split": cfg["fit_split"], "test_split": cfg["test_split"],
+    return {"dataset": dataset, "fit_split": cfg["fit_split"], "test_split": cfg["test_split"],
             "fit_images": sum(len(b["key"]) for b in fit), "test_images": sum(len(b["key"]) for b in test),
             "fit_cells": results["rgb"]["fit_cells"], "summary": summary,
             "lora_gain_miou": summary["lora"]["miou"] - summary["foundation"]["miou"],

@@ -58,7 +58,7 @@ from pipeline.training.psst_data import (
     scoring_stream,
 )
 from pipeline.training.psst_module import JointSettings, JointTraining, MAEWarmup
-from pipeline.training.trainer import config_hash, fit_resumable, input_fingerprints, total_steps, training_metrics
+from pipeline.training.trainer import config_hash, fit_resumable, input_fingerprints, phase_steps, training_metrics
 
 TRAINABLE = "trainable.safetensors"
 TEACHER = "teacher.safetensors"
@@ -73,6 +73,7 @@ class Stage1Run:
     key: str
     modality: str
     set: str
+    dataset: str  # the pool's shards, data/shards/<dataset> (what the DVC stages depend on)
     modality_cfg: Mapping[str, Any]
     psst: Mapping[str, Any]
 
@@ -88,7 +89,7 @@ def stage1_run(params: Mapping[str, Any], key: str) -> Stage1Run:
     psst = merge(section(params, "psst"), entry.get("psst") or {})
     if psst["mode"] not in MODES:
         raise ValueError(f"loras.{key}: psst mode {psst['mode']!r} is not one of {', '.join(MODES)}")
-    return Stage1Run(key, modality, entry["set"], section(params, f"modalities.{modality}"), psst)
+    return Stage1Run(key, modality, entry["set"], entry["dataset"], section(params, f"modalities.{modality}"), psst)
 
 
 def build_network(params: Mapping[str, Any], psst: Mapping[str, Any], state: Path | None = None) -> PSSTNetwork:
@@ -136,11 +137,6 @@ def _fit(module: L.LightningModule, stream: TrainStream, *, params: Mapping[str,
     )
 
 
-def _total_steps(params: Mapping[str, Any], phase_cfg: Mapping[str, Any], samples: int) -> int:
-    return total_steps(section(params, "trainer"), epochs=phase_cfg["epochs"], samples_per_epoch=samples,
-                       batch_size=phase_cfg["batch_size"], num_workers=section(params, "loader.num_workers"))
-
-
 def run_warmup(params: Mapping[str, Any], lora: str, shard_dir: Path, outputs: PhaseOutputs,
                run_dirs: Mapping[str, Path], progress: bool = True) -> dict[str, Any]:
     """MAE warm-up of LoRA + mask token + decoder on the modality's unlabeled pool."""
@@ -160,7 +156,7 @@ def run_warmup(params: Mapping[str, Any], lora: str, shard_dir: Path, outputs: P
         probe_before = probe_loss(network, *probe, normalize_targets=psst["normalize_targets"])
         stream = augmented_stream(urls, encode, image_size=psst["image_size"],
                                   epoch_samples=cfg["samples_per_epoch"], seed=psst["seed"])
-        module = MAEWarmup(network, total_steps=_total_steps(params, cfg, cfg["samples_per_epoch"]),
+        module = MAEWarmup(network, total_steps=phase_steps(params, cfg),
                            optim=OptimSettings(**cfg["optim"]), mask_ratio=psst["mask_ratio"],
                            normalize_targets=psst["normalize_targets"], seed=psst["seed"])
         trainer = _fit(module, stream, params=params, run=run, phase="warmup", epochs=cfg["epochs"],
@@ -266,7 +262,7 @@ def run_joint(params: Mapping[str, Any], lora: str, shard_dir: Path, warmup_dir:
         samples = cfg["samples_per_epoch"]
         stream = multicrop_stream(urls, multicrop, epoch_samples=samples, keys=selected, seed=psst["seed"])
         joint = JointSettings(**{**cfg["loss"], "alpha": cfg["loss"]["alpha"] if mode == "full" else 0.0})
-        module = JointTraining(network, joint=joint, total_steps=_total_steps(params, cfg, samples),
+        module = JointTraining(network, joint=joint, total_steps=phase_steps(params, cfg),
                                optim=OptimSettings(**cfg["optim"]), mask_ratio=psst["mask_ratio"],
                                normalize_targets=psst["normalize_targets"], seed=psst["seed"])
         trainer = _fit(module, stream, params=params, run=run, phase="joint", epochs=cfg["epochs"],
@@ -301,7 +297,7 @@ def run_export(params: Mapping[str, Any], lora: str, shard_dir: Path, warmup_dir
         _load_tensors(network, joint_dir / TEACHER)
     provenance = lora_provenance(
         network.backbone, LoraSettings.from_config(psst["lora"]), network.peft,
-        modality={"name": run.modality, **read_json(warmup_dir / ENCODING), "dataset": run.modality_cfg["dataset"]},
+        modality={"name": run.modality, **read_json(warmup_dir / ENCODING), "dataset": run.dataset},
         psst={"mode": mode, "run": lora, "set": run.set, "exported_from": source, "config": dict(psst),
               "config_hash": config_hash(psst)},
         shards={"manifest_sha256": file_sha256(shard_dir / MANIFEST)},

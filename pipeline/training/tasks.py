@@ -58,7 +58,7 @@ from pipeline.training.task_data import (
     task_train_stream,
 )
 from pipeline.training.task_module import TaskTraining
-from pipeline.training.trainer import config_hash, fit_resumable, input_fingerprints, total_steps, training_metrics
+from pipeline.training.trainer import config_hash, fit_resumable, input_fingerprints, phase_steps, training_metrics
 from pipeline.visualize import colorize, image_grid, input_to_rgb, saliency_to_rgb
 
 TRAINABLE = "trainable.safetensors"
@@ -120,7 +120,7 @@ def run_finetune(params: Mapping[str, Any], task: str, shard_dir: Path, lora_roo
             infos[seed], curves[seed] = _finetune_seed(params, task, cfg, seed, shard_dir, lora_root,
                                                        tmp / seed_folder(seed), run_dirs, progress)
         runs = {seed: info["metrics"] for seed, info in infos.items()}
-        mean, std = mean_and_std(list(runs.values()))
+        mean, std = mean_and_std([{k: v for k, v in run.items() if k != "seed"} for run in runs.values()])
         metrics = {**mean, "std": std, "seeds": seeds, "runs": {str(k): v for k, v in runs.items()}}
         first = infos[seeds[0]]
         write_json(tmp / SUMMARY, {"task": task, "config": cfg, "backbone": first["backbone"],
@@ -158,7 +158,7 @@ def _finetune_seed(params: Mapping[str, Any], task: str, cfg: Mapping[str, Any],
                        "trainer": section(params, "trainer"), "inputs": [manifest_sha256, *lora_sha256]})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    module = TaskTraining(model, head=cfg["head"], ignore_index=ignore_index, total_steps=schedule_steps(params, train),
+    module = TaskTraining(model, head=cfg["head"], ignore_index=ignore_index, total_steps=phase_steps(params, train),
                           optim=OptimSettings(**train["optim"]))
     trainer, curve = fit_task_model(params, module, encoders, urls, keys, train, head=cfg["head"],
                                     foreground=foreground, seed=seed, run_name=f"finetune/{task}/{seed_folder(seed)}",
@@ -195,12 +195,6 @@ def _finetune_seed(params: Mapping[str, Any], task: str, cfg: Mapping[str, Any],
 def _psst_mode(lora_dir: Path) -> str | None:
     """The PSST mode a modality LoRA was trained with (none = the identity LoRA; None: not recorded)."""
     return read_json(lora_dir / LORA_PROVENANCE).get("psst", {}).get("mode")
-
-
-def schedule_steps(params: Mapping[str, Any], train: Mapping[str, Any]) -> int:
-    """Optimizer steps of a run with the `train` settings under the configured trainer."""
-    return total_steps(section(params, "trainer"), epochs=train["epochs"], samples_per_epoch=train["samples_per_epoch"],
-                       batch_size=train["batch_size"], num_workers=section(params, "loader.num_workers"))
 
 
 def fit_task_model(params: Mapping[str, Any], module: L.LightningModule, encoders: Mapping[str, EncodeImage],

@@ -172,6 +172,13 @@ def total_steps(trainer_cfg: Mapping[str, Any], *, epochs: int, samples_per_epoc
     return epochs * per_epoch
 
 
+def phase_steps(params: Mapping[str, Any], phase: Mapping[str, Any]) -> int:
+    """Optimizer steps of a training phase (its `epochs`, `samples_per_epoch`, `batch_size`)
+    under the configured trainer and dataloader workers."""
+    return total_steps(params["trainer"], epochs=phase["epochs"], samples_per_epoch=phase["samples_per_epoch"],
+                       batch_size=phase["batch_size"], num_workers=params["loader"]["num_workers"])
+
+
 def training_metrics(trainer: L.Trainer, curve: LossCurve, batch_size: int, samples_per_epoch: int,
                      keys: Sequence[str]) -> dict[str, Any]:
     """What every training stage records: steps, effective batch, time, throughput, and the
