@@ -113,6 +113,7 @@ def test_psst_ablation_preset_is_the_papers_rows_over_three_seeds():
         assert task["method"] == "tp_mome" and task["seeds"] == [0, 1, 2]
         rows.setdefault(task["lora_set"], set()).add((tuple(task["streams"]), task["head"]))
     assert set(rows) == set(modes) and len({frozenset(r) for r in rows.values()}) == 1  # every row, same tasks
+    assert ("thermal",) in {streams for streams, _ in rows["full"]}  # the LoRA alone, no RGB to lean on
     schedules = {yaml.safe_dump({k: v for k, v in t.items() if k != "lora_set"}) for t in params["tasks"].values()
                  if tuple(t["streams"]) == ("rgb", "thermal") and t["head"] == "segmentation"}
     assert len(schedules) == 1  # rows differ in their LoRA set only
