@@ -31,6 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.artifacts import atomic_dir, read_json
+from pipeline.data.types import RGB
 
 # Where the stages put things (pipeline/training/tasks.py, probe.py, foundation.py and
 # pipeline/models/lora.py; not imported, to keep this stage free of torch-model imports).
@@ -374,15 +375,40 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def _per_seed_average(tasks: Sequence[TaskResult]) -> dict[str, float]:
+    """Per seed that every task has, the mean over the tasks of their main metric."""
+    per_seed = [t.per_seed(t.main_key) for t in tasks]
+    seeds = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    return {seed: sum(s[seed] for s in per_seed) / len(per_seed) for seed in seeds}
+
+
 def column_average(tasks: Sequence[TaskResult]) -> tuple[float | None, float | None]:
     """Mean over tasks of their main metric, with its spread over seeds: per seed the average
     over the tasks, then mean and sample std over the seeds every task has."""
-    per_seed = [t.per_seed(t.main_key) for t in tasks]
-    seeds = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
-    if seeds:
-        return _mean_std([sum(s[seed] for s in per_seed) / len(per_seed) for seed in seeds])
+    averages = _per_seed_average(tasks)
+    if averages:
+        return _mean_std(list(averages.values()))
     means = [t.main for t in tasks if t.main is not None]
     return (sum(means) / len(means), None) if means else (None, None)
+
+
+def paired_differences(better: Sequence[TaskResult], worse: Sequence[TaskResult]) -> list[float]:
+    """Per shared seed, the task average of `better` minus that of `worse`. A seed fixes the label
+    subset, the initialisation and the crops for every method and LoRA set, so pairing by seed
+    cancels the seed's own luck, which is most of the spread when labels are few."""
+    a, b = _per_seed_average(better), _per_seed_average(worse)
+    return [a[seed] - b[seed] for seed in sorted(set(a) & set(b))]
+
+
+def fmt_paired(differences: Sequence[float]) -> str:
+    """"+x.x ± s" (×100) of paired per-seed differences, and whether every seed agrees in sign."""
+    mean, std = _mean_std(differences)
+    if mean is None or std is None:
+        return "–"
+    signs = {(shown > 0) - (shown < 0) for shown in (round(100 * d, 1) for d in differences)}  # as printed
+    verdict = {frozenset({1}): "every seed agrees", frozenset({-1}): "every seed agrees",
+               frozenset({0}): "identical in every seed"}.get(frozenset(signs), "seeds disagree")
+    return f"{100 * mean:+.1f} ± {100 * std:.1f} ({verdict})"
 
 
 # --- README -----------------------------------------------------------------------------------
@@ -448,19 +474,28 @@ def _ablation_section(tasks: Sequence[TaskResult]) -> list[str]:
     lines = ["## PSST ablation", "",
              ("The seed paper's ablation layout: rows are the PSST mode of the modality LoRAs (each its own "
               "Stage-1 run, same schedule and seeds), columns the tasks; Stage 2 is identical in every row. "
-              "Avg is over the mIoU columns, its spread over seeds of the per-seed average."), ""]
+              "Avg is over the mIoU columns, its spread over seeds of the per-seed average; Δ Avg is the "
+              "difference to Stage 2 only paired by seed (same labels, initialisation and crops), mean ± std "
+              "over the seeds."), ""]
     for (method, fraction), rows in tables.items():
         columns = sorted({c for row in rows.values() for c in row})
         seg_columns = [c for c in columns if c[2] == "segmentation"]
         header = ["configuration", *(f"{streams} {HEAD_METRICS[head][1]}" for _, streams, head in columns)]
+        paired = seg_columns and "none" in rows and all(c in rows["none"] for c in seg_columns)
         header += ["Avg mIoU"] if seg_columns else []
+        header += ["Δ Avg vs Stage 2 only (paired)"] if paired else []
         body = []
         for mode in sorted(rows, key=lambda m: list(PSST_ROWS).index(m) if m in PSST_ROWS else len(PSST_ROWS)):
             row = rows[mode]
             cells = [row[c].cell() if c in row else "–" for c in columns]
             if seg_columns:
                 present = [row[c] for c in seg_columns if c in row]
-                cells.append(fmt_score(*column_average(present)) if len(present) == len(seg_columns) else "–")
+                complete = len(present) == len(seg_columns)
+                cells.append(fmt_score(*column_average(present)) if complete else "–")
+                if paired:
+                    baseline = [rows["none"][c] for c in seg_columns]
+                    cells.append(fmt_paired(paired_differences(present, baseline))
+                                 if complete and mode != "none" else "–")
             body.append([f"{PSST_ROWS.get(mode, mode)} (`{mode}`)", *cells])
         datasets = ", ".join(sorted({c[0] for c in columns}))
         lines += [f"### {method} · {datasets} · labels {fmt_fraction(fraction)}", "", *_table(header, body)]
@@ -637,12 +672,10 @@ def _percent(part: int, whole: int) -> str:
 # --- what the demo shows ------------------------------------------------------------------------
 
 def _difference(better: TaskResult | Sequence[TaskResult], worse: TaskResult | Sequence[TaskResult]) -> str:
-    """"+x.x (seed std a / b)" for the main metric (or the average over tasks), with a verdict:
-    a difference within the larger seed spread is called within noise."""
-    def summary(tasks: TaskResult | Sequence[TaskResult]) -> tuple[float | None, float | None]:
-        return column_average([tasks] if isinstance(tasks, TaskResult) else list(tasks))
-
-    (a, a_std), (b, b_std) = summary(better), summary(worse)
+    """"+x.x (seed std a / b; paired by seed ...)" for the main metric (or the average over tasks),
+    with two verdicts: against the larger seed spread, and whether every shared seed agrees."""
+    better, worse = ([t] if isinstance(t, TaskResult) else list(t) for t in (better, worse))
+    (a, a_std), (b, b_std) = column_average(better), column_average(worse)
     if a is None or b is None:
         return "–"
     delta = 100 * (a - b)
@@ -650,7 +683,9 @@ def _difference(better: TaskResult | Sequence[TaskResult], worse: TaskResult | S
         return f"{delta:+.1f} (one seed: no spread measured)"
     spread = 100 * max(a_std, b_std)
     verdict = "larger than" if abs(delta) > spread else "within"
-    return f"{delta:+.1f} ({verdict} the seed spread, std {100 * a_std:.1f} / {100 * b_std:.1f})"
+    differences = paired_differences(better, worse)
+    paired = f"; paired by seed {fmt_paired(differences)}" if len(differences) > 1 else ""
+    return f"{delta:+.1f} ({verdict} the seed spread, std {100 * a_std:.1f} / {100 * b_std:.1f}{paired})"
 
 
 def findings_section(tasks: Sequence[TaskResult], probes: Mapping[str, dict[str, Any]],
@@ -681,6 +716,13 @@ def findings_section(tasks: Sequence[TaskResult], probes: Mapping[str, dict[str,
                 tasks_text = f"{len(same)} segmentation task{'s' if len(same) > 1 else ''}"
                 bullets.append(f"PSST ablation ({method}, {fmt_fraction(fraction)} labels, {tasks_text}): "
                                f"{PSST_ROWS[mode]} vs Stage 2 only: average mIoU {_difference(same, baseline)}.")
+        pairs = {k: paired_differences([rows["full"][k]], [task]) for k, task in rows["none"].items()
+                 if k in rows.get("full", {})}
+        if len(pairs) > 1 and all(len(d) > 1 for d in pairs.values()):
+            per_task = "; ".join(f"{streams} {HEAD_METRICS[head][1]} {fmt_paired(d)}"
+                                 for (_, streams, head), d in pairs.items())
+            bullets.append(f"PSST ablation per task ({method}, {fmt_fraction(fraction)} labels), {PSST_ROWS['full']} "
+                           f"vs Stage 2 only, paired by seed: {per_task}.")
     for (dataset, streams, head), series in label_efficiency_groups(tasks).items():
         fractions = sorted({f for points in series.values() for f in points})
         for fraction in (fractions[0], fractions[-1]):
@@ -690,7 +732,7 @@ def findings_section(tasks: Sequence[TaskResult], probes: Mapping[str, dict[str,
             bullets.append(f"Labels, {dataset} {streams} {head} at {fmt_fraction(fraction)}: best {best[0]}; "
                            f"{ranked}.")
     for members in comparisons(tasks, vary="streams").values():
-        single = [t for t in members if "+" not in t.streams]
+        single = [t for t in members if t.streams == RGB]  # what each modality adds to RGB
         multi = [t for t in members if "+" in t.streams]
         for rgb in single:
             for fused in multi:
@@ -705,7 +747,9 @@ def findings_section(tasks: Sequence[TaskResult], probes: Mapping[str, dict[str,
         return []
     return ["## What the demo shows", "",
             "Generated from the metrics below; a difference is called within the seed spread when it is smaller "
-            "than the larger of the two standard deviations over seeds.", "",
+            "than the larger of the two standard deviations over seeds. Where both sides ran the same seeds "
+            "(the same label subset, initialisation and crops), the per-seed differences are given too: "
+            "a consistent effect smaller than the spread between seeds shows there.", "",
             *(f"- {b}" for b in bullets), ""]
 
 

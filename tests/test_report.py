@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.report import InDag, fmt_bytes, fmt_params, fmt_score, write_report
+from pipeline.report import InDag, fmt_bytes, fmt_paired, fmt_params, fmt_score, write_report
 from stages.report import main as stage_main
 
 LORA_PARAMS = 300_000
@@ -147,6 +147,8 @@ def test_formatting() -> None:
     assert (fmt_params(1_350_000), fmt_params(12_300), fmt_params(160_000_000), fmt_params(512)) == \
         ("1.35M", "12.3k", "160M", "512")
     assert fmt_bytes(3 * 2**20) == "3.00 MiB"
+    assert fmt_paired([0.01, -0.02, 0.04]) == "+1.0 ± 3.0 (seeds disagree)"
+    assert (fmt_paired([-0.01, -0.03]), fmt_paired([0.02])) == ("-2.0 ± 1.4 (every seed agrees)", "–")
 
 
 def test_readme_tables(report: tuple[Path, dict[str, Any]]) -> None:
@@ -188,7 +190,10 @@ def test_psst_ablation_in_the_papers_layout(report: tuple[Path, dict[str, Any]])
                                                          "| Full (error-weighted PSST) (`full`)"]
     # Avg: per seed the mean over the mIoU columns, then mean ± std over seeds
     per_seed = [(t + d) / 2 for t, d in zip([0.36, 0.38, 0.40], [0.45, 0.44, 0.46])]
-    assert lines[2].endswith(f"| {fmt_score(np.mean(per_seed), np.std(per_seed, ddof=1))} |")
+    assert lines[2].endswith(f"| {fmt_score(np.mean(per_seed), np.std(per_seed, ddof=1))} | +5.5 ± 1.0 "
+                             "(every seed agrees) |")
+    # Δ Avg pairs each seed with the same seed of Stage 2 only: (0.37, 0.39, 0.38) - (0.35, 0.365, 0.365)
+    assert lines[0].endswith("| – |") and lines[1].endswith("| +2.0 ± 0.5 (every seed agrees) |")
     assert "mfnet" not in section  # one PSST mode only: no ablation
 
 
@@ -209,6 +214,11 @@ def test_label_efficiency_table_figure_and_findings(report: tuple[Path, dict[str
     delta = 100 * (np.mean([(t + d) / 2 for t, d in zip([0.36, 0.38, 0.40], [0.45, 0.44, 0.46])])
                    - np.mean([(t + d) / 2 for t, d in zip([0.30, 0.32, 0.31], [0.40, 0.41, 0.42])]))
     assert f"Full (error-weighted PSST) vs Stage 2 only: average mIoU {delta:+.1f} (larger than the seed spread" in findings
+    assert "paired by seed +5.5 ± 1.0 (every seed agrees))." in findings
+    # per task, paired by seed: thermal (0.36, 0.38, 0.40) - (0.30, 0.32, 0.31); SOD the same in every row
+    assert ("PSST ablation per task (tp_mome, 10% labels), Full (error-weighted PSST) vs Stage 2 only, paired by "
+            "seed: rgb+depth mIoU +4.0 ± 1.0 (every seed agrees); rgb+thermal mIoU +7.0 ± 1.7 (every seed agrees); "
+            "rgb+thermal S-measure +0.0 ± 0.0 (identical in every seed).") in findings
     assert "Labels, eff rgb+thermal segmentation at 5%: best tp_mome · PSST full" in findings
     assert ("Streams (tp_mome, 100% labels): rgb+thermal vs rgb: mIoU +6.3 (one seed: no spread measured); "
             "at night 38.0 vs 20.0.") in findings
