@@ -210,9 +210,15 @@ def test_interrupted_warmup_resumes_from_its_last_checkpoint(params, pool, tmp_p
     assert steps_run == [3] and metrics["steps"] == 4  # resumed, not restarted
     rows = (tmp_path / "loss.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4]  # the curve kept the steps before
+    assert not (run_dirs["checkpoints"] / "warmup" / "thermal").exists()  # finished: nothing left to resume
 
-    # a changed configuration does not resume from a stale checkpoint
+    # a changed configuration does not resume from an interrupted run's checkpoint
+    monkeypatch.undo()
+    crash_at_step(monkeypatch, MAEWarmup, 3)
+    with pytest.raises(Interrupt):
+        phases.run_warmup(params, "thermal", pool, outputs, run_dirs, progress=False)
+    monkeypatch.undo()
     params["psst"]["mask_ratio"] = 0.5
-    steps_run.clear()
+    steps_run = record_steps(monkeypatch, MAEWarmup)
     phases.run_warmup(params, "thermal", pool, PhaseOutputs(tmp_path / "warmup2"), run_dirs, progress=False)
-    assert steps_run[0] == 0
+    assert steps_run == [0, 1, 2, 3]

@@ -279,6 +279,11 @@ def test_interrupted_finetune_resumes_with_trainable_only_checkpoints(params, de
     steps_run = record_steps(monkeypatch, TaskTraining)
     metrics = run_finetune(params, "rgbt_seg", demo / "shards", lora_root, outputs, run_dirs, progress=False)
     assert steps_run == [3] and metrics["steps"] == 4
+    assert not checkpoint.parent.exists()  # a finished run leaves no resume checkpoints behind
+
+    steps_run.clear()  # a forced re-run of the finished stage trains afresh instead of "resuming"
+    run_finetune(params, "rgbt_seg", demo / "shards", lora_root, outputs, run_dirs, progress=False)
+    assert steps_run == [0, 1, 2, 3]
 
 
 def test_seeds_must_be_a_list_of_distinct_integers(params, demo, lora_root, tmp_path):

@@ -8,10 +8,19 @@ import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.config import compose_params
+from pipeline.training.callbacks import NonFiniteLoss
 from pipeline.training.checkpointing import TrainableOnlyCheckpoint
-from pipeline.training.trainer import build_logger, config_hash, steps_per_epoch, world_size
+from pipeline.training.trainer import (
+    build_logger,
+    build_trainer,
+    config_hash,
+    steps_per_epoch,
+    training_scale,
+    world_size,
+)
 from tests.conftest import REPO
 
 
@@ -77,3 +86,44 @@ def test_checkpoints_hold_trainable_tensors_and_buffers_only():
     with pytest.raises(RuntimeError, match="trained.bias"):
         module.on_load_checkpoint(checkpoint)
     assert module.strict_loading is False
+
+
+class Diverging(L.LightningModule):
+    """Regression whose `loss_extra` term turns NaN at one step (as a diverging run's would)."""
+
+    def __init__(self, nan_at_step: int):
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+        self.nan_at_step = nan_at_step
+
+    def training_step(self, batch, batch_idx):
+        fit = self.layer(batch[0]).pow(2).mean()
+        extra = fit * 0 + (float("nan") if self.global_step == self.nan_at_step else 0.0)
+        self.log("loss_fit", fit)
+        self.log("loss_extra", extra)
+        return fit + extra
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_non_finite_loss_stops_before_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = build_trainer({"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                             "enable_model_summary": False}, None, max_epochs=1, run_name="run", log_dir=tmp_path,
+                            checkpoint_dir=tmp_path / "ckpt", checkpoint_every_n_steps=2, tag="t")
+    module = Diverging(nan_at_step=3)
+    data = DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=2)
+    with pytest.raises(NonFiniteLoss, match=r"at step 3 \(epoch 0\) on this rank: loss_extra=nan"):
+        trainer.fit(module, data)
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # the NaN step never ran
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
+    assert not trainer.state.finished  # so fit_resumable keeps the checkpoint for a resumed run
+
+
+def test_training_scale_records_how_the_run_was_spread(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert training_scale(trainer, 8) == {
+        "world_size": 1, "num_nodes": 1, "devices_per_node": 1, "per_device_batch": 8, "accumulate_grad_batches": 2,
+        "effective_batch": 16, "precision": "32-true", "device": "cpu"}

@@ -9,7 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 
 from pipeline.data.loading import TrainStream
 
@@ -28,6 +30,32 @@ class SetStreamEpoch(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stream.set_epoch(trainer.current_epoch)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A training loss became NaN or infinite; the run stopped before the optimizer step."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop a run at the first NaN/inf loss, before the optimizer step corrupts the weights.
+
+    Checked before every backward pass; under DDP the decision is reduced over ranks, so every
+    rank stops at the same step instead of the others waiting forever in the gradient
+    all-reduce. Raising here skips the step's checkpoint, so `last.ckpt` stays the last good one.
+    """
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return
+        terms = {k: float(v) for k, v in trainer.callback_metrics.items()
+                 if isinstance(v, Tensor) and v.numel() == 1 and not torch.isfinite(v)}
+        named = ", ".join(f"{k}={v}" for k, v in terms.items()) or f"loss={float(loss)}"
+        where = "on this rank" if not finite else f"on another rank (this rank's loss is {float(loss):.6g})"
+        raise NonFiniteLoss(
+            f"non-finite training loss at step {trainer.global_step} (epoch {trainer.current_epoch}) {where}: "
+            f"{named}. Stopped before the optimizer step; the last checkpoint written before it is kept. "
+            "Lower the learning rate or use full precision, then re-run (a changed configuration starts afresh).")
 
 
 class LossCurve(Callback):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.loading import TrainStream
 from pipeline.data.sharding import file_sha256
-from pipeline.training.callbacks import LossCurve, SetStreamEpoch
+from pipeline.training.callbacks import LossCurve, SetStreamEpoch, StopOnNonFiniteLoss
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def build_trainer(
         **dict(trainer_cfg),
         max_epochs=max_epochs,
         logger=build_logger(logger_cfg, log_dir, run_name),
-        callbacks=[checkpoint, _ConfigTag(tag), *callbacks],
+        callbacks=[checkpoint, _ConfigTag(tag), StopOnNonFiniteLoss(), *callbacks],
         default_root_dir=str(log_dir),
     )
 
@@ -161,7 +162,22 @@ def fit_resumable(
     if resume is not None:
         stream.set_epoch(resume.epoch, batches_done=resume.batches_done, batch_size=batch_size)
     trainer.fit(module, loader, ckpt_path=resume.path if resume else None)
+    discard_checkpoints(trainer, checkpoint_dir)
     return trainer
+
+
+def discard_checkpoints(trainer: L.Trainer, checkpoint_dir: Path) -> None:
+    """Remove a finished run's resume checkpoints (from global rank 0, once every rank is done).
+
+    Resuming is for interrupted runs: a forced re-run (`dvc repro -f`) must train afresh, not
+    "resume" a run with nothing left to do, and finished runs should not leave hundreds of MB
+    behind. An interrupted or failed run never gets here, so its `last.ckpt` stays.
+    """
+    if not trainer.state.finished:
+        return
+    trainer.strategy.barrier("discard_checkpoints")
+    if trainer.is_global_zero:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def total_steps(trainer_cfg: Mapping[str, Any], *, epochs: int, samples_per_epoch: int, batch_size: int,
@@ -179,6 +195,23 @@ def phase_steps(params: Mapping[str, Any], phase: Mapping[str, Any]) -> int:
                        batch_size=phase["batch_size"], num_workers=params["loader"]["num_workers"])
 
 
+def training_scale(trainer: L.Trainer, batch_size: int) -> dict[str, Any]:
+    """How a run was spread (what a number needs to be reproduced on another machine): ranks,
+    nodes, per-device and effective batch, accumulation, precision, and rank 0's device."""
+    root = trainer.strategy.root_device
+    device = torch.cuda.get_device_name(root) if root.type == "cuda" else root.type
+    return {
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "devices_per_node": trainer.num_devices,
+        "per_device_batch": batch_size,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "effective_batch": batch_size * trainer.world_size * trainer.accumulate_grad_batches,
+        "precision": str(trainer.precision),
+        "device": device,
+    }
+
+
 def training_metrics(trainer: L.Trainer, curve: LossCurve, batch_size: int, samples_per_epoch: int,
                      keys: Sequence[str]) -> dict[str, Any]:
     """What every training stage records: steps, effective batch, time, throughput, and the
@@ -187,7 +220,7 @@ def training_metrics(trainer: L.Trainer, curve: LossCurve, batch_size: int, samp
         "trained": True,
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
-        "effective_batch": batch_size * trainer.world_size * trainer.accumulate_grad_batches,
+        **training_scale(trainer, batch_size),
         "train_seconds": round(curve.seconds, 2),
         "images_per_second": round(trainer.current_epoch * samples_per_epoch / max(curve.seconds, 1e-9), 2),
     }
