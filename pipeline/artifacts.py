@@ -1,7 +1,9 @@
 """Writing outputs so that nothing already written is lost or half-written.
 
 Every stage output goes into a temporary folder beside its destination and is swapped in only
-when complete; an interrupted run leaves the previous output (if any) untouched.
+when complete; an interrupted run leaves the previous output (if any) untouched. Under a
+distributed launch only global rank 0 swaps its folder in, once every rank has finished
+(pipeline/distributed.py); the other ranks write into private folders that are thrown away.
 """
 
 from __future__ import annotations
@@ -18,20 +20,32 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from pipeline.distributed import global_rank, wait_for_all_ranks
+
 
 @contextmanager
 def atomic_dir(target: Path | str) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces `target`, on error it is removed."""
+    """Yield an empty temporary folder; on success it replaces `target`, on error it is removed.
+
+    Every rank runs the body (it may hold collective operations); rank 0's folder replaces
+    `target` after all ranks got through theirs, the other ranks' folders are deleted. A rank
+    that fails raises before that point and is never waited for by the others' launcher.
+    """
     target = Path(target)
+    rank = global_rank()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}.tmp" if rank == 0 else f".{target.name}.rank{rank}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        wait_for_all_ranks()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if rank != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -97,6 +111,9 @@ class PhaseOutputs:
     plot: Path | None = None
 
     def publish(self, metrics: Mapping[str, Any], plot_csv: str | None = None) -> None:
+        """Write the copies (global rank 0 only: the other ranks' metrics are not the run's)."""
+        if global_rank() != 0:
+            return
         for path in (self.metrics, self.plot):
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,14 @@ class _PSSTPhase(TrainableOnlyCheckpoint, L.LightningModule):
 class MAEWarmup(_PSSTPhase):
     """MAE warm-up: reconstruct masked units of the modality from the LoRA-adapted encoder."""
 
+    def setup(self, stage: str) -> None:
+        # The DINO head belongs to the joint phase: frozen while this phase trains, so neither the
+        # optimizer nor DDP (which refuses trainable parameters that get no gradient) sees it.
+        self.network.head.requires_grad_(False)
+
+    def teardown(self, stage: str) -> None:
+        self.network.head.requires_grad_(True)  # the warm-up's output keeps the head for the joint phase
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]
         loss, _, _ = self.network.reconstruct(images, self.mask_for(images), self.normalize_targets)
