@@ -10,6 +10,8 @@ others (Lightning and torchrun stop all workers when one exits non-zero; srun wi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
@@ -36,3 +38,14 @@ def wait_for_all_ranks() -> None:
     """Block until every rank gets here (no-op in a single process)."""
     if is_distributed():
         dist.barrier()
+
+
+def union_over_ranks(names: Iterable[str]) -> list[str]:
+    """The sorted union of every rank's `names` (each rank's own names in a single process):
+    ranks that hold different metric groups must sync the same ones, in the same order."""
+    local = sorted(set(names))
+    if not is_distributed():
+        return local
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return sorted({name for part in gathered for name in part or []})

@@ -67,10 +67,15 @@ class MAEWarmup(_PSSTPhase):
     def setup(self, stage: str) -> None:
         # The DINO head belongs to the joint phase: frozen while this phase trains, so neither the
         # optimizer nor DDP (which refuses trainable parameters that get no gradient) sees it.
-        self.network.head.requires_grad_(False)
+        self._head_trainable = [p for p in self.network.head.parameters() if p.requires_grad]
+        for parameter in self._head_trainable:
+            parameter.requires_grad_(False)
 
     def teardown(self, stage: str) -> None:
-        self.network.head.requires_grad_(True)  # the warm-up's output keeps the head for the joint phase
+        # Exactly the head's trainable tensors again (not, e.g., lightly's frozen weight-norm
+        # scale): the warm-up's output keeps the head for the joint phase.
+        for parameter in getattr(self, "_head_trainable", []):
+            parameter.requires_grad_(True)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]

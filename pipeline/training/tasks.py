@@ -39,6 +39,7 @@ from pipeline.data.modalities import ModalityEncoding
 from pipeline.data.readers.base import voc_palette
 from pipeline.data.sharding import MANIFEST, file_sha256, read_manifest
 from pipeline.data.types import RGB
+from pipeline.distributed import union_over_ranks
 from pipeline.methods.stage2 import MethodSettings, TaskModel
 from pipeline.metrics import SegmentationMetrics, SODMetrics
 from pipeline.metrics.seeds import mean_and_std
@@ -308,7 +309,10 @@ def evaluate_model(model: TaskModel, stream: IterableDataset, *, head: str, clas
             if encoders is not None and len(figure_rows[group or ""]) < figure_samples:
                 figure_rows[group or ""].append(_figure_row(batch, i, output[0], target[0], encoders, model.streams,
                                                             head, classes))
-    return Evaluation(overall.compute(), {name: metric.compute() for name, metric in sorted(groups.items())},
+    # Under DDP each rank scored its own shards (split_by_node) and torchmetrics sums the states
+    # over ranks in `compute`: every rank must compute the same groups, in the same order.
+    names = union_over_ranks(groups)
+    return Evaluation(overall.compute(), {name: groups[name].compute() for name in names},
                       time.perf_counter() - started, dict(figure_rows))
 
 
