@@ -7,7 +7,7 @@ import torch
 
 from pipeline.models.backbone import create_backbone
 from pipeline.models.mae_decoder import MAEDecoder, masked_mean, reconstruction_loss, unit_errors
-from pipeline.models.masking import MaskedEncoder, random_unit_mask
+from pipeline.models.masking import MaskedEncoder, keyed_masks, random_unit_mask
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,17 @@ def test_random_unit_mask_masks_exactly_the_ratio():
     assert not random_unit_mask(2, (2, 2), 0.0).any()
     with pytest.raises(ValueError, match="mask ratio"):
         random_unit_mask(1, (2, 2), 1.0)
+
+
+def test_keyed_masks_follow_the_image_not_its_rank_or_batch():
+    grid = (4, 6)
+    whole = keyed_masks(["a", "b", "c", "d"], grid, 0.5, seed=3, draw=1)
+    # the same images split over two "ranks", or reordered, get the same masks
+    rank0, rank1 = keyed_masks(["a", "c"], grid, 0.5, seed=3, draw=1), keyed_masks(["d", "b"], grid, 0.5, 3, 1)
+    assert torch.equal(torch.stack([rank0[0], rank1[1], rank0[1], rank1[0]]), whole)
+    assert whole.flatten(1).sum(1).tolist() == [12] * 4 and not torch.equal(whole[0], whole[1])
+    assert not torch.equal(keyed_masks(["a"], grid, 0.5, seed=3, draw=2)[0], whole[0])  # a new epoch, a new mask
+    assert not torch.equal(keyed_masks(["a"], grid, 0.5, seed=4, draw=1)[0], whole[0])
 
 
 def test_ratio_zero_equals_the_plain_forward(encoder):

@@ -18,7 +18,7 @@ from pipeline.methods.psst import EMATeacher, mask_grid, reconstruction_scores, 
 from pipeline.models.lora import read_provenance
 from pipeline.models.masking import random_unit_mask
 from pipeline.training import psst as phases
-from pipeline.training.psst_module import MAEWarmup
+from pipeline.training.psst_module import JointTraining, MAEWarmup
 from tests.conftest import Interrupt, crash_at_step, record_steps, smoke_params
 
 
@@ -102,6 +102,22 @@ def test_gradients_reach_only_trainable_tensors(params):
             assert p.grad is not None, name
         if not p.requires_grad:
             assert p.grad is None, name
+
+
+@pytest.mark.slow
+def test_teacher_moves_once_per_optimizer_step_under_accumulation(params, pool, tmp_path, run_dirs, monkeypatch):
+    phases.run_warmup(params, "thermal", pool, PhaseOutputs(tmp_path / "warmup"), run_dirs, progress=False)
+    phases.run_select(params, "thermal", pool, tmp_path / "warmup", PhaseOutputs(tmp_path / "selection"), progress=False)
+    params["trainer"]["accumulate_grad_batches"] = 2
+    momenta: list[float] = []
+    update = EMATeacher.update
+    monkeypatch.setattr(EMATeacher, "update", lambda self, network, m: (momenta.append(m), update(self, network, m)))
+    micro_batches = record_steps(monkeypatch, JointTraining)
+    joint = phases.run_joint(params, "thermal", pool, tmp_path / "warmup", tmp_path / "selection",
+                             PhaseOutputs(tmp_path / "joint"), run_dirs)
+    assert joint["accumulate_grad_batches"] == 2 and joint["steps"] >= 1
+    assert len(micro_batches) == 2 * joint["steps"] and len(momenta) == joint["steps"]
+    assert momenta == sorted(momenta)  # the EMA schedule advances with the optimizer steps
 
 
 @pytest.mark.slow

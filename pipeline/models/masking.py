@@ -9,6 +9,9 @@ unit still knows where it is.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -32,12 +35,21 @@ def random_unit_mask(
     return (ranks < count).reshape(batch, h, w)
 
 
-def step_mask(batch: int, grid: tuple[int, int], ratio: float, seed: int, step: int,
-              device: torch.device | str | None = None) -> Tensor:
-    """`random_unit_mask` from a generator of (seed, step) alone, so the masks of a resumed
-    run equal those of an uninterrupted one."""
-    generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
-    return random_unit_mask(batch, grid, ratio, generator).to(device)
+def keyed_masks(keys: Sequence[str], grid: tuple[int, int], ratio: float, seed: int, draw: int = 0,
+                device: torch.device | str | None = None) -> Tensor:
+    """(B, h, w) `random_unit_mask`s, image i's from a generator seeded by (seed, draw, keys[i])
+    alone. An image gets the same mask whichever rank, batch position or micro-batch it lands
+    in, so N processes, gradient accumulation, a resumed run and a 1-process run all mask it
+    alike, while different images (hence different ranks) get different masks. `draw` (the
+    epoch in training, the mask index in scoring) gives the same image a new mask."""
+    masks = [random_unit_mask(1, grid, ratio, torch.Generator().manual_seed(_key_seed(seed, draw, key)))
+             for key in keys]
+    return torch.cat(masks).to(device)
+
+
+def _key_seed(seed: int, draw: int, key: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{draw}:{key}".encode()).digest()  # stable across processes
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class MaskedEncoder(nn.Module):

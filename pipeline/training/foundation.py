@@ -38,7 +38,7 @@ from pipeline.methods.psst import mask_grid
 from pipeline.methods.stage2 import MethodSettings, TaskModel
 from pipeline.models.backbone import DESCRIPTION_KEY, create_backbone
 from pipeline.models.mae_decoder import MAEDecoder, reconstruction_loss
-from pipeline.models.masking import MaskedEncoder, step_mask
+from pipeline.models.masking import MaskedEncoder, keyed_masks
 from pipeline.models.task_losses import segmentation_loss
 from pipeline.training.optim import OptimSettings, configure_adamw
 from pipeline.training.task_data import SEGMENTATION, TaskSample, stream_encoders, task_eval_stream
@@ -83,8 +83,8 @@ class FoundationPretraining(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, target = batch[RGB], batch["target"]
         masked = round(self.mae_fraction * len(images))
-        mask = step_mask(len(images), mask_grid(images.shape[-2:]), self.mask_ratio, self.seed, self.global_step,
-                         images.device)
+        mask = keyed_masks(batch["key"], mask_grid(images.shape[-2:]), self.mask_ratio, self.seed, self.current_epoch,
+                           images.device)
         mask[masked:] = False  # the segmented part of the batch is seen whole
         features = self.masked(images, mask)
         logits = self.model.decoder(self.model.fusion({RGB: [f[masked:] for f in features]}),

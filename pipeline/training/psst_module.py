@@ -10,6 +10,7 @@ crops masked (MAE + image + patch terms) and the local crops unmasked (image ter
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 from lightly.loss import DINOLoss
@@ -24,7 +25,7 @@ from pipeline.methods.psst import (
     teacher_parameter_names,
     unit_weights,
 )
-from pipeline.models.masking import step_mask
+from pipeline.models.masking import keyed_masks
 from pipeline.training.checkpointing import TrainableOnlyCheckpoint
 from pipeline.training.optim import OptimSettings, configure_adamw
 
@@ -53,9 +54,10 @@ class _PSSTPhase(TrainableOnlyCheckpoint, L.LightningModule):
         self.normalize_targets = normalize_targets
         self.seed = seed
 
-    def mask_for(self, images: Tensor) -> Tensor:
-        return step_mask(images.shape[0], mask_grid(images.shape[-2:]), self.mask_ratio, self.seed, self.global_step,
-                         images.device)
+    def mask_for(self, keys: list[str], images: Tensor) -> Tensor:
+        """Masks of `images` (named by `keys`) for this epoch, independent of rank and batching."""
+        return keyed_masks(keys, mask_grid(images.shape[-2:]), self.mask_ratio, self.seed, self.current_epoch,
+                           images.device)
 
     def configure_optimizers(self):
         return configure_adamw(self.parameters(), self.optim, self.total_steps)
@@ -79,7 +81,7 @@ class MAEWarmup(_PSSTPhase):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]
-        loss, _, _ = self.network.reconstruct(images, self.mask_for(images), self.normalize_targets)
+        loss, _, _ = self.network.reconstruct(images, self.mask_for(batch["key"], images), self.normalize_targets)
         self.log("loss_mae", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
@@ -111,7 +113,8 @@ class JointTraining(_PSSTPhase):
 
         teacher_image, teacher_patch = self.teacher(self.network, images)  # no grad, unmasked
 
-        mask = self.mask_for(images)
+        views = global_views.shape[1]
+        mask = self.mask_for([f"{key}/global{v}" for key in batch["key"] for v in range(views)], images)
         mae, errors, features = self.network.reconstruct(images, mask, self.normalize_targets)
         tokens = features[-1].permute(0, 2, 3, 1)
         student_image = self.network.head(tokens.mean(dim=(1, 2)))
@@ -134,6 +137,9 @@ class JointTraining(_PSSTPhase):
         self.log("weight_max", weights.amax(dim=(1, 2)).mean(), batch_size=batch_size)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The teacher follows the student once per optimizer step (after `global_step` counts
+        # it), not per micro-batch: with gradient accumulation it must not move k times faster.
+        super().optimizer_step(*args, **kwargs)
         momentum = cosine_schedule(self.global_step, self.total_steps, self.joint.ema_start, self.joint.ema_end)
         self.teacher.update(self.network, momentum)
