@@ -129,3 +129,17 @@ def test_label_efficiency_preset_sweeps_fractions_for_every_method():
     assert set(grid) == {("tp_mome", "full"), ("tp_mome", "none"), ("freeze", None), ("full", None),
                          ("lora", None), ("vpt", None)}
     assert all(fractions == {0.05, 0.1, 0.2, 0.5, 1.0} for fractions in grid.values())
+
+
+def test_training_stages_start_through_the_launcher():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in ("foundation", "psst_warmup", "psst_joint", "finetune"):  # the Lightning-trained stages
+        assert stages[name]["do"]["cmd"].startswith("${launcher.command} -m stages." + name + " "), name
+    for name in ("psst_select", "evaluate", "probe_lora"):  # one process
+        assert stages[name]["do"]["cmd"].startswith("python -m stages."), name
+    assert yaml.safe_load(compose_params([], REPO / "conf"))["launcher"] == {"command": "python"}
+    params = yaml.safe_load(compose_params(["launcher=torchrun", "launcher.nproc_per_node=4"], REPO / "conf"))
+    assert params["launcher"]["command"] == ("torchrun --nproc_per_node=4 --nnodes=1 --node_rank=0 "
+                                             "--master_addr=127.0.0.1 --master_port=29500")
+    slurm = yaml.safe_load(compose_params(["launcher=slurm"], REPO / "conf"))["launcher"]["command"]
+    assert slurm == "srun --kill-on-bad-exit=1 python"

@@ -140,3 +140,23 @@ def test_repro_then_nothing_to_do_then_experiment(project):
 def stages_run(output: str) -> set[str]:
     """Stages DVC actually ran (not those restored from its run-cache)."""
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.mark.slow
+def test_a_training_stage_under_torchrun_writes_from_rank_zero_only(project, tmp_path):
+    """The real finetune command launched as `launcher=torchrun` would launch it (2 gloo processes):
+    it trains with world size 2 and only rank 0's folder and metrics appear."""
+    run(project, sys.executable, "-m", "dvc", "repro", "finetune@rgbt_seg")  # its inputs (no-op after the DAG)
+    params = project / "params.yaml"
+    single = params.read_text()
+    try:
+        run(project, sys.executable, "-m", "pipeline.cli", "compose", "trainer=ddp_cpu", "launcher=torchrun")
+        run(project, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+            "-m", "stages.finetune", "rgbt_seg", "data/shards/demo", "data/lora/default", str(tmp_path / "model"),
+            "--metrics", str(tmp_path / "train.json"))
+    finally:
+        params.write_text(single)
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["effective_batch"] == 2 * metrics["per_device_batch"]
+    assert json.loads((tmp_path / "model" / "summary.json").read_text())["metrics"] == metrics
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "train.json"]  # no rank's folder left behind
