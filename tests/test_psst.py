@@ -75,6 +75,22 @@ def test_teacher_averages_only_trainable_tensors_and_shares_the_frozen_encoder(p
         assert not torch.equal(teacher(network, images)[0], network(images)[0])
 
 
+def test_teacher_targets_have_no_dropout_and_the_student_keeps_its_mode(params):
+    params["psst"]["lora"]["dropout"] = 0.5  # LoRA dropout on: a student in train mode is stochastic
+    network = phases.build_network(params, params["psst"]).train()
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # off the identity, so the LoRA branch (and its dropout) matters
+    teacher = EMATeacher(network, teacher_parameter_names(network))
+    images = torch.randn(2, 3, 64, 64)
+    first, second = teacher(network, images)[0], teacher(network, images)[0]
+    assert torch.equal(first, second)
+    assert all(m.training for m in network.modules())  # restored: the student still trains with dropout
+    with torch.no_grad():
+        assert not torch.equal(network(images)[0], network(images)[0])
+
+
 def test_reconstruction_variance_score_by_hand(params):
     network = phases.build_network(params, params["psst"]).eval()
     images = torch.randn(3, 3, 64, 64)

@@ -109,8 +109,16 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, student: nn.Module, *args, **kwargs):
-        """`student(*args, **kwargs)` computed with the teacher's weights."""
-        return functional_call(student, self.tensors(), args, kwargs, strict=False, tie_weights=False)
+        """`student(*args, **kwargs)` computed with the teacher's weights, in eval mode: no
+        dropout (LoRA dropout included) and no stochastic depth in the targets. The student's
+        train/eval flags are restored afterwards, module by module."""
+        modes = [(module, module.training) for module in student.modules()]
+        student.eval()
+        try:
+            return functional_call(student, self.tensors(), args, kwargs, strict=False, tie_weights=False)
+        finally:
+            for module, training in modes:
+                module.training = training
 
 
 def teacher_parameter_names(network: PSSTNetwork) -> list[str]:
