@@ -10,10 +10,14 @@ others (Lightning and torchrun stop all workers when one exits non-zero; srun wi
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterable
 
 import torch.distributed as dist
-from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+# Before a process group is up, where launchers put the rank (Lightning reads the same keys).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
 
 
 def is_distributed() -> bool:
@@ -22,12 +26,16 @@ def is_distributed() -> bool:
 
 
 def global_rank() -> int:
-    """This process's global rank: the process group's once it is up, before that what the
-    launcher's environment says (Lightning keeps `rank_zero_only.rank` from RANK, LOCAL_RANK,
-    SLURM_PROCID, and sets it to the global rank when a trainer starts)."""
+    """This process's global rank: the process group's once it is up; before that Lightning's
+    `rank_zero_only.rank` if a trainer has set it, else the launcher's environment. (Lightning
+    is not imported here: every stage imports this module, most never train, and the import
+    costs seconds.)"""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(getattr(rank_zero_only, "rank", 0) or 0)
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    if rank_zero is not None:
+        return int(getattr(rank_zero.rank_zero_only, "rank", 0) or 0)
+    return next((int(os.environ[key]) for key in RANK_VARIABLES if os.environ.get(key)), 0)
 
 
 def is_rank_zero() -> bool:
