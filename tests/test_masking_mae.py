@@ -32,7 +32,7 @@ def test_keyed_masks_follow_the_image_not_its_rank_or_batch():
     rank0, rank1 = keyed_masks(["a", "c"], grid, 0.5, seed=3, draw=1), keyed_masks(["d", "b"], grid, 0.5, 3, 1)
     assert torch.equal(torch.stack([rank0[0], rank1[1], rank0[1], rank1[0]]), whole)
     assert whole.flatten(1).sum(1).tolist() == [12] * 4 and not torch.equal(whole[0], whole[1])
-    assert not torch.equal(keyed_masks(["a"], grid, 0.5, seed=3, draw=2)[0], whole[0])  # a new epoch, a new mask
+    assert not torch.equal(keyed_masks(["a"], grid, 0.5, seed=3, draw=2)[0], whole[0])  # a new step, a new mask
     assert not torch.equal(keyed_masks(["a"], grid, 0.5, seed=4, draw=1)[0], whole[0])
 
 

@@ -41,7 +41,8 @@ def keyed_masks(keys: Sequence[str], grid: tuple[int, int], ratio: float, seed: 
     alone. An image gets the same mask whichever rank, batch position or micro-batch it lands
     in, so N processes, gradient accumulation, a resumed run and a 1-process run all mask it
     alike, while different images (hence different ranks) get different masks. `draw` (the
-    epoch in training, the mask index in scoring) gives the same image a new mask."""
+    optimizer step in training, so a resampled image is masked anew) gives the same image a
+    new mask."""
     masks = [random_unit_mask(1, grid, ratio, torch.Generator().manual_seed(_key_seed(seed, draw, key)))
              for key in keys]
     return torch.cat(masks).to(device)

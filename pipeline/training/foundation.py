@@ -83,7 +83,7 @@ class FoundationPretraining(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, target = batch[RGB], batch["target"]
         masked = round(self.mae_fraction * len(images))
-        mask = keyed_masks(batch["key"], mask_grid(images.shape[-2:]), self.mask_ratio, self.seed, self.current_epoch,
+        mask = keyed_masks(batch["key"], mask_grid(images.shape[-2:]), self.mask_ratio, self.seed, self.global_step,
                            images.device)
         mask[masked:] = False  # the segmented part of the batch is seen whole
         features = self.masked(images, mask)

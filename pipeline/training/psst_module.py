@@ -55,8 +55,9 @@ class _PSSTPhase(TrainableOnlyCheckpoint, L.LightningModule):
         self.seed = seed
 
     def mask_for(self, keys: list[str], images: Tensor) -> Tensor:
-        """Masks of `images` (named by `keys`) for this epoch, independent of rank and batching."""
-        return keyed_masks(keys, mask_grid(images.shape[-2:]), self.mask_ratio, self.seed, self.current_epoch,
+        """Masks of `images` (named by `keys`) at this optimizer step: a new mask every time an
+        image is drawn again, the same whatever rank or micro-batch of the step it lands in."""
+        return keyed_masks(keys, mask_grid(images.shape[-2:]), self.mask_ratio, self.seed, self.global_step,
                            images.device)
 
     def configure_optimizers(self):
