@@ -29,7 +29,7 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
 
     Every rank runs the body (it may hold collective operations); rank 0's folder replaces
     `target` after all ranks got through theirs, the other ranks' folders are deleted. A rank
-    that fails raises before that point and is never waited for by the others' launcher.
+    that fails raises before the barrier, and its launcher then stops the waiting ones.
     """
     target = Path(target)
     rank = global_rank()

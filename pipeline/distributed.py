@@ -38,10 +38,6 @@ def global_rank() -> int:
     return next((int(os.environ[key]) for key in RANK_VARIABLES if os.environ.get(key)), 0)
 
 
-def is_rank_zero() -> bool:
-    return global_rank() == 0
-
-
 def wait_for_all_ranks() -> None:
     """Block until every rank gets here (no-op in a single process)."""
     if is_distributed():
