@@ -10,11 +10,16 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+import yaml
 from peft import PeftModel
 
 from tests.conftest import REPO
@@ -24,17 +29,22 @@ STAGE1 = ("psst_warmup", "psst_select", "psst_joint", "export_lora", "probe_lora
 
 
 
-def run(cwd: Path, *args: str) -> str:
-    env = {
+def run_env() -> dict[str, str]:
+    return {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
         "DVC_NO_ANALYTICS": "1",
     }
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def run(cwd: Path, *args: str, with_log: bool = False) -> str:
+    """Run a command; fail with its output unless it exits 0; return its stdout (and its stderr,
+    where Lightning and torchrun log, with `with_log`)."""
+    result = subprocess.run(args, cwd=cwd, env=run_env(), capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return result.stdout + result.stderr if with_log else result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +170,144 @@ def test_a_training_stage_under_torchrun_writes_from_rank_zero_only(project, tmp
     assert metrics["world_size"] == 2 and metrics["effective_batch"] == 2 * metrics["per_device_batch"]
     assert json.loads((tmp_path / "model" / "summary.json").read_text())["metrics"] == metrics
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "train.json"]  # no rank's folder left behind
+
+
+@contextmanager
+def composed(project: Path, *overrides: str) -> Iterator[None]:
+    """params.yaml composed with `overrides` for the duration (stage commands run directly)."""
+    params = project / "params.yaml"
+    saved = params.read_text()
+    try:
+        run(project, sys.executable, "-m", "pipeline.cli", "compose", *overrides)
+        yield
+    finally:
+        params.write_text(saved)
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
+
+
+def finetune_command(out: Path) -> tuple[str, ...]:
+    return ("-m", "stages.finetune", "rgbt_seg", "data/shards/demo", "data/lora/default", str(out / "model"),
+            "--metrics", str(out / "train.json"))
+
+
+@pytest.mark.slow
+def test_selection_and_evaluation_give_the_same_outputs_on_one_and_two_processes(project, tmp_path):
+    """psst_select (torchrun) and evaluate (Lightning-launched, and torchrun) split the shards over
+    2 ranks and gather: the same subset.json, metrics.json (times aside) and figure as 1 process."""
+    run(project, sys.executable, "-m", "dvc", "repro", "evaluate@rgbt_sod", "psst_select@depth")
+    dataset = yaml.safe_load((project / "params.yaml").read_text())["loras"]["depth"]["dataset"]
+    select = ("-m", "stages.psst_select", "depth", f"data/shards/{dataset}", "data/psst/depth/warmup")
+    evaluate = {task: ("-m", "stages.evaluate", task, "data/shards/demo", f"data/tasks/{task}/model")
+                for task in ("rgbt_seg", "rgbt_sod")}
+    for n in (1, 2):
+        with composed(project, *(("trainer=ddp_cpu",) if n == 2 else ())):
+            launch = (*TORCHRUN, f"--nproc_per_node={n}", "--master_port=29531") if n == 2 else (sys.executable,)
+            run(project, *launch, *select, str(tmp_path / f"selection{n}"))
+            run(project, sys.executable, *evaluate["rgbt_seg"], str(tmp_path / f"rgbt_seg{n}"))  # Lightning launches
+            run(project, *launch, *evaluate["rgbt_sod"], str(tmp_path / f"rgbt_sod{n}"))
+    subsets = [json.loads((tmp_path / f"selection{n}" / "subset.json").read_text()) for n in (1, 2)]
+    assert subsets[0]["scored"] and len(subsets[0]["scores"]) == 8 and subsets[0] == subsets[1]
+
+    def without_times(value):
+        if isinstance(value, dict):
+            return {k: without_times(v) for k, v in value.items() if k != "eval_seconds"}
+        return round(value, 12) if isinstance(value, float) else value
+
+    for task in evaluate:
+        one, two = (json.loads((tmp_path / f"{task}{n}" / "metrics.json").read_text()) for n in (1, 2))
+        assert one["overall"] and without_times(one) == without_times(two), task
+        figures = [(tmp_path / f"{task}{n}" / "predictions.png").read_bytes() for n in (1, 2)]
+        assert figures[0] == figures[1], task
+
+
+@pytest.mark.slow
+def test_a_training_stage_across_two_simulated_nodes(project, tmp_path):
+    """Two `torchrun --nnodes=2` processes on localhost, node ranks 0 and 1 (as two machines would
+    run it): world size 2 over 2 nodes, and only node 0 writes (node 1 is given other paths)."""
+    with composed(project, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2"):
+        nodes = [subprocess.Popen([*TORCHRUN, "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+                                   "--master_addr=127.0.0.1", "--master_port=29533",
+                                   *finetune_command(tmp_path / f"node{rank}")], cwd=project, env=run_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    metrics = json.loads((tmp_path / "node0" / "train.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["num_nodes"] == 2 and metrics["devices"] == {"cpu": [0, 1]}
+    assert not [p for p in (tmp_path / "node1").rglob("*") if p.is_file()]  # node 1 wrote nothing
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in their own sessions)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(entry[5:]) for entry in environ if entry.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def start_and_kill_mid_run(project: Path, out: Path, victims: str) -> tuple[int, str]:
+    """Start the finetune stage on 2 torchrun ranks, SIGKILL `victims` ("rank1": that worker;
+    "job": torchrun and every worker) once a checkpoint exists; (exit code, output)."""
+    checkpoint = project / "checkpoints" / "finetune" / "rgbt_seg" / "seed0" / "last.ckpt"
+    job = subprocess.Popen([*TORCHRUN, "--nproc_per_node=2", "--master_port=29535", *finetune_command(out)],
+                           cwd=project, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_file() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, "the run finished before it could be killed"
+    workers = descendants(job.pid)
+    if victims == "rank1":
+        os.kill(next(pid for pid in workers if rank_of(pid) == 1), signal.SIGKILL)
+    else:
+        for pid in [job.pid, *workers]:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    output = job.communicate(timeout=300)[0]
+    return job.returncode, output
+
+
+@pytest.mark.slow
+def test_killed_ddp_stages_fail_keep_outputs_resume_and_start_afresh_when_done(project, tmp_path):
+    """Under 2 torchrun ranks: a rank SIGKILLed mid-run fails the stage and keeps the previous
+    output; the whole job SIGKILLed mid-run resumes on the re-run and completes, deleting its
+    checkpoints; a re-run after completion trains from scratch."""
+    shutil.rmtree(project / "checkpoints" / "finetune" / "rgbt_seg", ignore_errors=True)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "previous.txt").write_text("previous output")
+    with composed(project, "trainer=ddp_cpu", "launcher=torchrun", "tasks.rgbt_seg.train.epochs=8"):
+        code, output = start_and_kill_mid_run(project, tmp_path, "rank1")
+        assert code != 0, output
+        assert (tmp_path / "model" / "previous.txt").read_text() == "previous output"
+        assert not (tmp_path / "train.json").exists()
+
+        code, output = start_and_kill_mid_run(project, tmp_path, "job")
+        assert code != 0 and (project / "checkpoints" / "finetune" / "rgbt_seg" / "seed0" / "last.ckpt").is_file()
+        resumed = run(project, *TORCHRUN, "--nproc_per_node=2", "--master_port=29537", *finetune_command(tmp_path),
+                      with_log=True)
+        assert "Restoring states from the checkpoint" in resumed
+        metrics = json.loads((tmp_path / "train.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["steps"] == 16
+        assert not (project / "checkpoints" / "finetune" / "rgbt_seg").exists()  # a finished run keeps none
+
+        again = run(project, *TORCHRUN, "--nproc_per_node=2", "--master_port=29539", *finetune_command(tmp_path),
+                    with_log=True)
+        assert "Restoring states" not in again and json.loads((tmp_path / "train.json").read_text())["steps"] == 16

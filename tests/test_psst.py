@@ -94,13 +94,12 @@ def test_teacher_targets_have_no_dropout_and_the_student_keeps_its_mode(params):
 def test_reconstruction_variance_score_by_hand(params):
     network = phases.build_network(params, params["psst"]).eval()
     images = torch.randn(3, 3, 64, 64)
-    scores = reconstruction_scores(network, images, num_masks=2, mask_ratio=0.5,
-                                   generator=torch.Generator().manual_seed(5))
     generator = torch.Generator().manual_seed(5)
+    masks = [random_unit_mask(3, mask_grid((64, 64)), 0.5, generator) for _ in range(2)]
+    scores = reconstruction_scores(network, images, masks)
     errors = [[], [], []]
     with torch.no_grad():
-        for _ in range(2):
-            mask = random_unit_mask(3, mask_grid((64, 64)), 0.5, generator)
+        for mask in masks:
             _, unit_errors, _ = network.reconstruct(images, mask)
             for b in range(3):
                 errors[b] += unit_errors[b][mask[b]].tolist()

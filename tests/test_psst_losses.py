@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import DINOLoss, IBOTPatchLoss
 
-from pipeline.methods.psst import ErrorWeightedPatchLoss, select_top_fraction, unit_weights
+from pipeline.methods.psst import ErrorWeightedPatchLoss, StepCenteredDINOLoss, select_top_fraction, unit_weights
 
 
 def make_case(seed: int = 0):
@@ -60,7 +60,9 @@ def test_weighted_patch_loss_equals_its_formula():
         s = torch.log_softmax(student[k] / 0.2, dim=-1)
         total += flat_weights[k].item() * -(t * s).sum().item()
     assert loss.item() == pytest.approx(total / 2, rel=1e-5)
-    # the centre moved towards the teacher's mean output, as in iBOT
+    assert torch.equal(loss_fn.center.value, center)  # the centre moves at the optimizer step, not here
+    loss_fn.step_center()
+    # ... towards the teacher's mean output, as in iBOT
     assert torch.allclose(loss_fn.center.value, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True), atol=1e-6)
 
 
@@ -68,10 +70,52 @@ def test_uniform_weights_reproduce_lightly_ibot_patch_loss():
     mask, errors, teacher, student = make_case(2)
     ours = ErrorWeightedPatchLoss(7, teacher_temp=0.04, student_temp=0.1)
     reference = IBOTPatchLoss(7, teacher_temp=0.04, student_temp=0.1)
-    for step in range(3):  # also after the centres have moved
+    for step in range(3):  # also after the centres have moved (one forward per optimizer step)
         a = ours(teacher + step, student, mask, unit_weights(errors, mask, alpha=0.0))
         b = reference(teacher + step, student, mask)
+        ours.step_center()
         assert a.item() == pytest.approx(b.item(), rel=1e-6)
+        assert torch.allclose(ours.center.value, reference.center.value, atol=1e-7)
+
+
+def test_step_centred_dino_loss_is_lightlys_with_one_forward_per_step():
+    g = torch.Generator().manual_seed(4)
+    ours, reference = StepCenteredDINOLoss(16, teacher_temp=0.05), DINOLoss(16, teacher_temp=0.05)
+    for _ in range(3):
+        teacher = [torch.randn(4, 16, generator=g) for _ in range(2)]
+        student = [torch.randn(4, 16, generator=g) for _ in range(3)]
+        a, b = ours(teacher, student, teacher_temp=0.05), reference(teacher, student, teacher_temp=0.05)
+        ours.step_center()
+        assert a.item() == pytest.approx(b.item(), rel=1e-6)
+        assert torch.allclose(ours.center, reference.center, atol=1e-7)
+
+
+def test_accumulated_micro_batches_move_the_centres_as_one_batch():
+    """Two half-batches then one optimizer step = one whole batch (gradient accumulation)."""
+    g = torch.Generator().manual_seed(5)
+    teacher = [torch.randn(4, 16, generator=g) for _ in range(2)]
+    student = [torch.randn(4, 16, generator=g) for _ in range(2)]
+    whole, halves = StepCenteredDINOLoss(16), StepCenteredDINOLoss(16)
+    whole(teacher, student)
+    whole.step_center()
+    for part in (slice(0, 2), slice(2, 4)):
+        halves([t[part] for t in teacher], [s[part] for s in student])
+    assert torch.equal(halves.center, torch.zeros_like(halves.center))  # nothing moved before the step
+    halves.step_center()
+    assert torch.allclose(halves.center, whole.center, atol=1e-7)
+
+    # PSST masks the same number of units in every image (random_unit_mask): 3 of 6 here
+    mask = torch.tensor([[[True, False, True], [False, True, False]], [[False, True, False], [True, False, True]]])
+    teacher_patch, student_patch = torch.randn(6, 7, generator=g), torch.randn(6, 7, generator=g)
+    weights = unit_weights(torch.rand(2, 2, 3, generator=g), mask, alpha=1.0)
+    whole_patch, halves_patch = ErrorWeightedPatchLoss(7), ErrorWeightedPatchLoss(7)
+    whole_patch(teacher_patch, student_patch, mask, weights)
+    whole_patch.step_center()
+    split = int(mask[0].sum())
+    halves_patch(teacher_patch[:split], student_patch[:split], mask[:1], weights[:1])
+    halves_patch(teacher_patch[split:], student_patch[split:], mask[1:], weights[1:])
+    halves_patch.step_center()
+    assert torch.allclose(halves_patch.center.value, whole_patch.center.value, atol=1e-7)
 
 
 def original_dino_loss(student_output, teacher_output, center, ncrops, student_temp, teacher_temp):

@@ -126,4 +126,4 @@ def test_training_scale_records_how_the_run_was_spread(tmp_path):
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     assert training_scale(trainer, 8) == {
         "world_size": 1, "num_nodes": 1, "devices_per_node": 1, "per_device_batch": 8, "accumulate_grad_batches": 2,
-        "effective_batch": 16, "precision": "32-true", "device": "cpu"}
+        "effective_batch": 16, "precision": "32-true", "devices": {"cpu": [0]}}

@@ -7,9 +7,10 @@
   weighted by w_i = exp(alpha * e_i) / sum_j exp(alpha * e_j) over the image's masked units,
   e_i its detached MAE error. Patches the RGB prior reconstructs worst get the most weight;
   alpha = 0 is the uniform iBOT patch loss.
+* `StepCenteredDINOLoss`: lightly's DINO image loss, its centre moved once per optimizer step.
 * `reconstruction_scores` / `select_top_fraction`: the high-structural-complexity subset.
 
-The DINO image loss, the projection head and the schedules come from lightly.
+The DINO image loss, the projection head, the centring and the schedules come from lightly.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
-from lightly.models.modules.center import Center
+from lightly.models.modules.center import Center, center_mean, center_momentum
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from pipeline.models.backbone import Backbone
 from pipeline.models.lora import LoraSettings, add_lora
 from pipeline.models.mae_decoder import MAEDecoder, reconstruction_loss
-from pipeline.models.masking import MASK_UNIT, MaskedEncoder, random_unit_mask
+from pipeline.models.masking import MASK_UNIT, MaskedEncoder
 
 MODES = ("none", "mae", "mae+dino", "full")
 
@@ -137,12 +139,55 @@ def unit_weights(errors: Tensor, mask: Tensor, alpha: float) -> Tensor:
     return weights.reshape(errors.shape)
 
 
+class BatchCenters:
+    """The batch centres of one optimizer step's forwards, applied together.
+
+    lightly moves a DINO centre inside every forward, so with `accumulate_grad_batches=k` the
+    centre would take k momentum steps per optimizer step and each micro-batch would be centred
+    differently from the one big batch it stands for. Recording each forward's batch centre
+    (lightly's `center_mean`, which already averages over DDP ranks) and applying their mean
+    once makes 1 x 2b, 2 ranks x b and 1 x b accumulated twice move the centre alike.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[Tensor] = []
+
+    def record(self, batch_center: Tensor) -> None:
+        self.pending.append(batch_center)
+
+    def moved(self, center: Tensor, momentum: float) -> Tensor:
+        """`center` after one momentum step towards the mean recorded centre (unchanged if none)."""
+        if not self.pending:
+            return center
+        batch_center = torch.stack(self.pending).mean(0)
+        self.pending.clear()
+        return center_momentum(center=center, batch_center=batch_center, momentum=momentum)
+
+
+class StepCenteredDINOLoss(DINOLoss):
+    """lightly's `DINOLoss` whose centre moves in `step_center()` (once per optimizer step)
+    instead of inside every forward (`BatchCenters`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._centers = BatchCenters()
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Tensor) -> None:  # called by DINOLoss.forward
+        self._centers.record(self._center_fn(x=teacher_out, dim=(0, 1)))
+
+    @torch.no_grad()
+    def step_center(self) -> None:
+        self.center.data = self._centers.moved(self.center, self.center_momentum)
+
+
 class ErrorWeightedPatchLoss(nn.Module):
     """iBOT-style patch consistency with per-unit weights.
 
     Per masked unit: cross-entropy between the teacher's centred, sharpened softmax and the
     student's log-softmax; summed with the unit's weight, averaged over images. With the uniform
-    weights 1/num_masked (alpha = 0) this is lightly's `IBOTPatchLoss`.
+    weights 1/num_masked (alpha = 0) this is lightly's `IBOTPatchLoss`. Its centre (lightly's
+    `Center`) moves in `step_center()`, once per optimizer step (`BatchCenters`).
     """
 
     def __init__(self, output_dim: int, teacher_temp: float = 0.04, student_temp: float = 0.1,
@@ -151,6 +196,7 @@ class ErrorWeightedPatchLoss(nn.Module):
         self.teacher_temp = teacher_temp
         self.student_temp = student_temp
         self.center = Center(size=(1, output_dim), mode="mean", momentum=center_momentum)
+        self._centers = BatchCenters()
 
     def forward(self, teacher_out: Tensor, student_out: Tensor, mask: Tensor, weights: Tensor,
                 teacher_temp: float | None = None) -> Tensor:
@@ -161,26 +207,26 @@ class ErrorWeightedPatchLoss(nn.Module):
         student = F.log_softmax(student_out / self.student_temp, dim=-1)
         cross_entropy = -(teacher * student).sum(dim=-1)
         loss = (cross_entropy * weights[mask]).sum() / mask.shape[0]
-        self.center.update(teacher_out)
+        self._centers.record(center_mean(teacher_out.detach(), self.center.dim))
         return loss
+
+    @torch.no_grad()
+    def step_center(self) -> None:
+        self.center.center = self._centers.moved(self.center.value, self.center.momentum)
 
 
 @torch.no_grad()
-def reconstruction_scores(
-    network: PSSTNetwork, images: Tensor, *, num_masks: int, mask_ratio: float, score: str = "variance",
-    normalize_targets: bool = True, generator: torch.Generator | None = None,
-) -> Tensor:
-    """One score per image from its MAE errors under `num_masks` random masks.
+def reconstruction_scores(network: PSSTNetwork, images: Tensor, image_masks: Sequence[Tensor], *,
+                          score: str = "variance", normalize_targets: bool = True) -> Tensor:
+    """One score per image from its MAE errors under each of `image_masks` ((B, h, w) each).
 
     `variance`: variance of the per-unit errors of all masked units over all masks (how
     unevenly the RGB prior explains the image: structural complexity); `mean`: their mean.
     """
     if score not in ("variance", "mean"):
         raise ValueError(f"unknown score {score!r}; use variance or mean")
-    grid = (images.shape[-2] // MASK_UNIT, images.shape[-1] // MASK_UNIT)
     errors, masks = [], []
-    for _ in range(num_masks):
-        mask = random_unit_mask(images.shape[0], grid, mask_ratio, generator, images.device)
+    for mask in image_masks:
         _, unit_errors, _ = network.reconstruct(images, mask, normalize_targets)
         errors.append(unit_errors.flatten(1))
         masks.append(mask.flatten(1))

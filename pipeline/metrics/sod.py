@@ -6,9 +6,10 @@ as a PNG would be, then prepared as PySODMetrics prepares it: divided by 255, mi
 normalised unless constant; the ground truth is binarised (> 128 on a 0..255 scale). The
 threshold curves bin the normalised map by truncating `p * 255`, as PySODMetrics does.
 
-Scores are per image and averaged over images. Per-image scalars are list states (`cat` under
-DDP); the 256-threshold E- and F-measure curves are only ever averaged, so their sums are kept
-(`sum` under DDP). The weighted F-measure needs a Euclidean distance transform with nearest
+Scores are per image and averaged over images, so every state is a float64 sum over images
+(`sum` under DDP): the per-image scalars and the 256-threshold E- and F-measure curves alike.
+(List states would `cat` under DDP, and gloo aborts gathering them when a rank saw no image of a
+group.) The weighted F-measure needs a Euclidean distance transform with nearest
 indices and a MATLAB-style Gaussian filter: that part runs in scipy on the CPU, exactly as in
 PySODMetrics.
 """
@@ -20,7 +21,6 @@ import torch
 from scipy.ndimage import convolve, distance_transform_edt
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 EPS = float(np.spacing(1))  # MATLAB's eps, as in PySODMetrics
 LEVELS = 256
@@ -48,7 +48,7 @@ class SODMetrics(Metric):
         super().__init__(**kwargs)
         self.alpha, self.beta2, self.weighted_beta2 = alpha, beta2, weighted_beta2
         for name in SCALARS:
-            self.add_state(name, default=[], dist_reduce_fx="cat")
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         for name in CURVES:
             self.add_state(name, default=torch.zeros(LEVELS, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("images", default=torch.tensor(0), dist_reduce_fx="sum")
@@ -62,9 +62,7 @@ class SODMetrics(Metric):
             raise ValueError("saliency predictions must be probabilities in [0, 1]")
         masks = binarise_target(target)
         scores = [self._image_scores(normalise_prediction(p), g) for p, g in zip(preds, masks, strict=True)]
-        for name in SCALARS:
-            getattr(self, name).append(torch.stack([s[name] for s in scores]))
-        for name in CURVES:
+        for name in (*SCALARS, *CURVES):
             getattr(self, name).add_(sum(s[name] for s in scores))
         self.images += len(scores)
 
@@ -91,7 +89,7 @@ class SODMetrics(Metric):
         images = int(self.images)
         if images == 0:
             return dict.fromkeys(RESULT_KEYS) | {"images": 0}
-        results = {name: float(dim_zero_cat(getattr(self, name)).mean()) for name in SCALARS}
+        results = {name: float(getattr(self, name) / images) for name in SCALARS}
         for stem in ("e_measure", "f_measure"):
             curve = getattr(self, f"{stem}_curve") / images
             results[f"{stem}_mean"], results[f"{stem}_max"] = float(curve.mean()), float(curve.max())

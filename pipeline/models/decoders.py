@@ -13,22 +13,38 @@ takes "all_mlp" (the default, both tasks) or "progressive" (`ProgressiveSODHead`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+NORMS = ("batch", "group")
+
+
+def normalization(kind: str, channels: int) -> nn.Module:
+    """The decoders' normalisation layer. `batch` (SegFormer's and CPNet's BatchNorm) normalises
+    over each process's micro-batch, so 2 x b, 1 x b accumulated and 1 x 2b train different
+    models unless BatchNorm is synced (`trainer.sync_batchnorm`, GPU only). `group`
+    (GroupNorm, 32 groups or fewer) is per sample: every layout trains the same model."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    raise ValueError(f"decoder norm {kind!r} is not one of {', '.join(NORMS)}")
+
 
 class AllMLPHead(nn.Module):
     def __init__(
-        self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1
+        self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1,
+        norm: str = "batch",
     ):
         super().__init__()
         self.project = nn.ModuleList(nn.Conv2d(c, embed_dim, kernel_size=1) for c in in_channels)
         self.fuse = nn.Sequential(
-            nn.Conv2d(len(in_channels) * embed_dim, embed_dim, kernel_size=1, bias=False),  # BN has the bias
-            nn.BatchNorm2d(embed_dim),
+            nn.Conv2d(len(in_channels) * embed_dim, embed_dim, kernel_size=1, bias=False),  # the norm has the bias
+            normalization(norm, embed_dim),
             nn.ReLU(inplace=True),
         )
         self.dropout = nn.Dropout2d(dropout)  # SegFormer drops whole channels
@@ -50,14 +66,14 @@ class AllMLPHead(nn.Module):
 class SODHead(AllMLPHead):
     """Salient object detection: the all-MLP head with one saliency logit per pixel."""
 
-    def __init__(self, in_channels: Sequence[int], embed_dim: int = 256, dropout: float = 0.1):
-        super().__init__(in_channels, 1, embed_dim, dropout)
+    def __init__(self, in_channels: Sequence[int], embed_dim: int = 256, dropout: float = 0.1, norm: str = "batch"):
+        super().__init__(in_channels, 1, embed_dim, dropout, norm)
 
 
-def _conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int) -> nn.Sequential:
+def _conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, norm: str = "batch") -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),  # BN has the bias
-        nn.BatchNorm2d(out_ch),
+        nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),  # the norm has the bias
+        normalization(norm, out_ch),
         nn.ReLU(inplace=True),
     )
 
@@ -90,14 +106,14 @@ class ProgressiveSODHead(nn.Module):
       fusion happens upstream, so this head sees one fused map per scale.
     """
 
-    def __init__(self, in_channels: Sequence[int], embed_dim: int = 64, dropout: float = 0.1):
+    def __init__(self, in_channels: Sequence[int], embed_dim: int = 64, dropout: float = 0.1, norm: str = "batch"):
         super().__init__()
         if len(in_channels) < 2:
             raise ValueError(f"progressive decoding needs at least two scales, got {len(in_channels)}")
-        self.project = nn.ModuleList(_conv_bn_relu(c, embed_dim, 1) for c in in_channels)
-        self.top = _conv_bn_relu(embed_dim, embed_dim, 3)
+        self.project = nn.ModuleList(_conv_bn_relu(c, embed_dim, 1, norm) for c in in_channels)
+        self.top = _conv_bn_relu(embed_dim, embed_dim, 3, norm)
         # merge[i] fuses the upsampled coarser map with level i (finest first); none for the coarsest.
-        self.merge = nn.ModuleList(_conv_bn_relu(2 * embed_dim, embed_dim, 3) for _ in in_channels[:-1])
+        self.merge = nn.ModuleList(_conv_bn_relu(2 * embed_dim, embed_dim, 3, norm) for _ in in_channels[:-1])
         self.dropout = nn.Dropout2d(dropout)
         self.predict = nn.Conv2d(embed_dim, 1, kernel_size=3, padding=1)
 
@@ -124,7 +140,7 @@ def build_decoder(
     kind: str, in_channels: Sequence[int], num_classes: int, *, architecture: str = "all_mlp", **kwargs
 ) -> nn.Module:
     """Decoder for a task; `architecture` picks the head ("all_mlp", or "progressive" for sod);
-    other kwargs (embed_dim, dropout) go to the head."""
+    other kwargs (embed_dim, dropout, norm) go to the head."""
     if kind not in ARCHITECTURES:
         raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
     if architecture not in ARCHITECTURES[kind]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import random
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
@@ -30,6 +32,27 @@ class SetStreamEpoch(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stream.set_epoch(trainer.current_epoch)
+
+
+class SeedRanksApart(Callback):
+    """Give every rank > 0 its own random streams (torch, numpy, random) at fit start.
+
+    Every rank of a stage runs the same script with the same seed, so without this the
+    in-process randomness (crops and flips with `num_workers: 0`, dropout, modality dropout)
+    would be identical on all N ranks: N GPUs would train on N copies of one augmentation.
+    It runs after the model is built and wrapped (DDP has broadcast rank 0's weights), and
+    rank 0 keeps its stream, so a one-process run is unchanged. (Dataloader workers are seeded
+    per rank by Lightning already; masks follow the image key, `keyed_masks`.)
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rank = trainer.global_rank
+        if rank == 0:
+            return
+        seed = (torch.initial_seed() + 1_000_003 * rank) % 2**32
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -126,7 +125,7 @@ def run_foundation(params: Mapping[str, Any], name: str, shard_dir: Path, output
                                     run_dirs=run_dirs, curve_keys=CURVE)
     classes = {"names": class_names, "ignore_index": ignore_index, "palette": palette}
     transform = TaskSample(encoders, head=SEGMENTATION, geometry=None)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # Lightning hands the module back on the CPU
+    device = trainer.strategy.root_device  # this rank's device (Lightning hands the module back on the CPU)
     held_out = evaluate_model(
         model.eval().to(device), task_eval_stream(shard_urls(shard_dir, evaluation_cfg["split"]), transform),
         head=SEGMENTATION, classes=classes, batch_size=evaluation_cfg["batch_size"],

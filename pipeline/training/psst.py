@@ -33,6 +33,7 @@ from pipeline.config import merge, section
 from pipeline.data.loading import TrainStream, shard_keys, shard_urls
 from pipeline.data.modalities import ModalityEncoding, build_encoding
 from pipeline.data.sharding import MANIFEST, file_sha256, read_manifest
+from pipeline.distributed import gather_objects, launch_ranks
 from pipeline.methods.psst import (
     MODES,
     HeadSettings,
@@ -44,7 +45,7 @@ from pipeline.methods.psst import (
 )
 from pipeline.models.backbone import create_backbone
 from pipeline.models.lora import LoraSettings, export_lora, lora_provenance, lora_update_norms
-from pipeline.models.masking import random_unit_mask
+from pipeline.models.masking import keyed_masks, random_unit_mask
 from pipeline.training.callbacks import LossCurve
 from pipeline.training.optim import OptimSettings
 from pipeline.training.psst_data import (
@@ -185,7 +186,12 @@ def _probe(urls: list[str], encode: EncodeImage, psst: Mapping[str, Any]) -> tup
 
 def run_select(params: Mapping[str, Any], lora: str, shard_dir: Path, warmup_dir: Path,
                outputs: PhaseOutputs, progress: bool = True) -> dict[str, Any]:
-    """Score every pool image by its MAE reconstruction variance; keep the top fraction."""
+    """Score every pool image by its MAE reconstruction variance; keep the top fraction.
+
+    Runs on the trainer's processes and devices (`launch_ranks`): each rank scores its shards
+    and rank 0 gathers the scores. An image's masks follow from its key (`keyed_masks`, draws
+    -1, -2, ...: never a training step's), so the scores do not depend on the number of ranks.
+    """
     run = stage1_run(params, lora)
     mode, psst = run.mode, run.psst
     cfg = psst["select"]
@@ -195,15 +201,18 @@ def run_select(params: Mapping[str, Any], lora: str, shard_dir: Path, warmup_dir
         selected = shard_keys(urls)
         metrics: dict[str, Any] = {"mode": mode, "scored": False, "images": len(selected), "selected": len(selected)}
     else:
-        network = build_network(params, psst, warmup_dir / TRAINABLE).eval()
+        device = launch_ranks(section(params, "trainer"))
+        network = build_network(params, psst, warmup_dir / TRAINABLE).eval().to(device)
         encode = load_encoder_input(warmup_dir)
-        generator = torch.Generator().manual_seed(psst["seed"])
+        grid = mask_grid(psst["image_size"])
         batches = loader(scoring_stream(urls, encode, image_size=psst["image_size"]), cfg["batch_size"], 0)
         for batch in tqdm(batches, desc=f"score {lora}", unit="batch", disable=not progress):
-            values = reconstruction_scores(network, batch["image"], num_masks=cfg["num_masks"],
-                                           mask_ratio=psst["mask_ratio"], score=cfg["score"],
-                                           normalize_targets=psst["normalize_targets"], generator=generator)
+            masks = [keyed_masks(batch["key"], grid, psst["mask_ratio"], psst["seed"], -draw, device)
+                     for draw in range(1, cfg["num_masks"] + 1)]
+            values = reconstruction_scores(network, batch["image"].to(device), masks, score=cfg["score"],
+                                           normalize_targets=psst["normalize_targets"])
             scores.update(zip(batch["key"], values.tolist()))
+        scores = {key: value for part in gather_objects(scores) for key, value in part.items()}
         selected = select_top_fraction(scores, cfg["fraction"])
         values = np.array(list(scores.values()))
         metrics = {

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-from lightly.loss import DINOLoss
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor
 
@@ -21,6 +20,7 @@ from pipeline.methods.psst import (
     EMATeacher,
     ErrorWeightedPatchLoss,
     PSSTNetwork,
+    StepCenteredDINOLoss,
     mask_grid,
     teacher_parameter_names,
     unit_weights,
@@ -95,7 +95,7 @@ class JointTraining(_PSSTPhase):
         self.joint = joint
         self.teacher = EMATeacher(network, teacher_parameter_names(network))
         output_dim = network.head.last_layer.out_features
-        self.image_loss = DINOLoss(output_dim, teacher_temp=joint.teacher_temp, student_temp=joint.student_temp,
+        self.image_loss = StepCenteredDINOLoss(output_dim, teacher_temp=joint.teacher_temp, student_temp=joint.student_temp,
                                    center_momentum=joint.center_momentum)
         self.patch_loss = ErrorWeightedPatchLoss(output_dim, joint.teacher_temp, joint.student_temp,
                                                  joint.center_momentum)
@@ -139,8 +139,11 @@ class JointTraining(_PSSTPhase):
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        # The teacher follows the student once per optimizer step (after `global_step` counts
-        # it), not per micro-batch: with gradient accumulation it must not move k times faster.
+        # The teacher and both DINO centres follow the student once per optimizer step (after
+        # `global_step` counts it), not per micro-batch: with gradient accumulation they must
+        # not move k times faster.
         super().optimizer_step(*args, **kwargs)
         momentum = cosine_schedule(self.global_step, self.total_steps, self.joint.ema_start, self.joint.ema_end)
         self.teacher.update(self.network, momentum)
+        self.image_loss.step_center()
+        self.patch_loss.step_center()

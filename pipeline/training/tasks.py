@@ -39,7 +39,7 @@ from pipeline.data.modalities import ModalityEncoding
 from pipeline.data.readers.base import voc_palette
 from pipeline.data.sharding import MANIFEST, file_sha256, read_manifest
 from pipeline.data.types import RGB
-from pipeline.distributed import union_over_ranks
+from pipeline.distributed import gather_objects, launch_ranks, union_over_ranks
 from pipeline.methods.stage2 import MethodSettings, TaskModel
 from pipeline.metrics import SegmentationMetrics, SODMetrics
 from pipeline.metrics.seeds import mean_and_std
@@ -293,7 +293,7 @@ def evaluate_model(model: TaskModel, stream: IterableDataset, *, head: str, clas
     device = next(model.parameters()).device
     overall = _new_metric(head, classes).to(device)
     groups: dict[str, Metric] = defaultdict(lambda: _new_metric(head, classes).to(device))
-    figure_rows: dict[str, list[list[np.ndarray]]] = defaultdict(list)  # per group, for a spread
+    figure_rows: dict[str, list[tuple[str, list[np.ndarray]]]] = defaultdict(list)  # per group: (key, row)
     started = time.perf_counter()
     for batch in tqdm(task_loader(stream, batch_size, 0), desc=desc, unit="batch", disable=not progress):
         inputs = {s: batch[s].to(device) for s in model.streams}
@@ -307,13 +307,25 @@ def evaluate_model(model: TaskModel, stream: IterableDataset, *, head: str, clas
             if group is not None:
                 groups[group].update(output, target)
             if encoders is not None and len(figure_rows[group or ""]) < figure_samples:
-                figure_rows[group or ""].append(_figure_row(batch, i, output[0], target[0], encoders, model.streams,
-                                                            head, classes))
+                figure_rows[group or ""].append((batch["key"][i], _figure_row(
+                    batch, i, output[0], target[0], encoders, model.streams, head, classes)))
     # Under DDP each rank scored its own shards (split_by_node) and torchmetrics sums the states
     # over ranks in `compute`: every rank must compute the same groups, in the same order.
     names = union_over_ranks(groups)
     return Evaluation(overall.compute(), {name: groups[name].compute() for name in names},
-                      time.perf_counter() - started, dict(figure_rows))
+                      time.perf_counter() - started, _first_rows_over_ranks(figure_rows, figure_samples))
+
+
+def _first_rows_over_ranks(rows: Mapping[str, list[tuple[str, list[np.ndarray]]]], count: int
+                           ) -> dict[str, list[list[np.ndarray]]]:
+    """Per group, the figure rows of the `count` smallest sample keys among every rank's
+    candidates: the shards are in key order, so the figure is the same on any number of ranks."""
+    merged: dict[str, list[tuple[str, list[np.ndarray]]]] = defaultdict(list)
+    for part in gather_objects(dict(rows)):
+        for group, candidates in part.items():
+            merged[group] += candidates
+    return {group: [row for _, row in sorted(candidates, key=lambda c: c[0])[:count]]
+            for group, candidates in merged.items()}
 
 
 def save_prediction_figure(evaluation: Evaluation, streams: Sequence[str], count: int, path: Path) -> None:
@@ -325,10 +337,11 @@ def save_prediction_figure(evaluation: Evaluation, streams: Sequence[str], count
 def run_evaluate(params: Mapping[str, Any], task: str, shard_dir: Path, model_dir: Path, outputs: PhaseOutputs,
                  progress: bool = True) -> dict[str, Any]:
     """Metrics of a trained task on its evaluation split, overall and per group (e.g. night),
-    for every seed it was trained with, and their mean ± std."""
+    for every seed it was trained with, and their mean ± std. Runs on the trainer's processes
+    and devices; torchmetrics sums the metric states over ranks."""
     eval_cfg = _task(params, task)["eval"]
     seeds = read_json(Path(model_dir) / SUMMARY)["seeds"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = launch_ranks(section(params, "trainer"))  # each rank scores its share of the test shards
     runs, protocol = {}, None
     with atomic_dir(outputs.folder) as tmp:
         for seed in seeds:

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.loading import TrainStream
 from pipeline.data.sharding import file_sha256
-from pipeline.training.callbacks import LossCurve, SetStreamEpoch, StopOnNonFiniteLoss
+from pipeline.distributed import devices_of_ranks, world_size
+from pipeline.training.callbacks import LossCurve, SeedRanksApart, SetStreamEpoch, StopOnNonFiniteLoss
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def build_trainer(
         **dict(trainer_cfg),
         max_epochs=max_epochs,
         logger=build_logger(logger_cfg, log_dir, run_name),
-        callbacks=[checkpoint, _ConfigTag(tag), StopOnNonFiniteLoss(), *callbacks],
+        callbacks=[checkpoint, _ConfigTag(tag), StopOnNonFiniteLoss(), SeedRanksApart(), *callbacks],
         default_root_dir=str(log_dir),
     )
 
@@ -117,16 +118,6 @@ def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1, num_work
     per_worker = math.ceil(samples / (world_size * workers))
     batches = workers * math.ceil(per_worker / batch_size)
     return math.ceil(batches / accumulate)
-
-
-def world_size(trainer_cfg: Mapping[str, Any]) -> int:
-    """Ranks a trainer config will use (devices x nodes); -1/"auto" devices count all GPUs."""
-    devices = trainer_cfg.get("devices", 1)
-    if devices in (-1, "auto"):
-        devices = max(1, torch.cuda.device_count()) if trainer_cfg.get("accelerator") != "cpu" else 1
-    elif isinstance(devices, (list, tuple)):
-        devices = len(devices)
-    return int(devices) * int(trainer_cfg.get("num_nodes", 1))
 
 
 def input_fingerprints(paths: Sequence[Path]) -> list[str]:
@@ -197,9 +188,8 @@ def phase_steps(params: Mapping[str, Any], phase: Mapping[str, Any]) -> int:
 
 def training_scale(trainer: L.Trainer, batch_size: int) -> dict[str, Any]:
     """How a run was spread (what a number needs to be reproduced on another machine): ranks,
-    nodes, per-device and effective batch, accumulation, precision, and rank 0's device."""
-    root = trainer.strategy.root_device
-    device = torch.cuda.get_device_name(root) if root.type == "cuda" else root.type
+    nodes, per-device and effective batch, accumulation, precision, and the device of every
+    rank (`{name: [ranks]}`: a mixed allocation shows)."""
     return {
         "world_size": trainer.world_size,
         "num_nodes": trainer.num_nodes,
@@ -208,7 +198,7 @@ def training_scale(trainer: L.Trainer, batch_size: int) -> dict[str, Any]:
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "effective_batch": batch_size * trainer.world_size * trainer.accumulate_grad_batches,
         "precision": str(trainer.precision),
-        "device": device,
+        "devices": devices_of_ranks(trainer.strategy.root_device),
     }
 
 
