@@ -226,7 +226,8 @@ def test_selection_and_evaluation_give_the_same_outputs_on_one_and_two_processes
 def test_a_training_stage_across_two_simulated_nodes(project, tmp_path):
     """Two `torchrun --nnodes=2` processes on localhost, node ranks 0 and 1 (as two machines would
     run it): world size 2 over 2 nodes, and only node 0 writes (node 1 is given other paths)."""
-    with composed(project, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2"):
+    run(project, sys.executable, "-m", "dvc", "repro", "finetune@rgbt_seg")  # its inputs (no-op after the DAG)
+    with composed(project, "trainer=ddp_cpu", "trainer.devices=1", "+trainer.num_nodes=2"):
         nodes = [subprocess.Popen([*TORCHRUN, "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
                                    "--master_addr=127.0.0.1", "--master_port=29533",
                                    *finetune_command(tmp_path / f"node{rank}")], cwd=project, env=run_env(),
@@ -290,10 +291,12 @@ def test_killed_ddp_stages_fail_keep_outputs_resume_and_start_afresh_when_done(p
     """Under 2 torchrun ranks: a rank SIGKILLed mid-run fails the stage and keeps the previous
     output; the whole job SIGKILLed mid-run resumes on the re-run and completes, deleting its
     checkpoints; a re-run after completion trains from scratch."""
+    run(project, sys.executable, "-m", "dvc", "repro", "finetune@rgbt_seg")  # its inputs (no-op after the DAG)
     shutil.rmtree(project / "checkpoints" / "finetune" / "rgbt_seg", ignore_errors=True)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "previous.txt").write_text("previous output")
-    with composed(project, "trainer=ddp_cpu", "launcher=torchrun", "tasks.rgbt_seg.train.epochs=8"):
+    with composed(project, "trainer=ddp_cpu", "launcher=torchrun", "tasks.rgbt_seg.train.epochs=16",
+                  "tasks.rgbt_seg.train.checkpoint_every_n_steps=1"):  # 16 steps of one batch per rank
         code, output = start_and_kill_mid_run(project, tmp_path, "rank1")
         assert code != 0, output
         assert (tmp_path / "model" / "previous.txt").read_text() == "previous output"
@@ -306,7 +309,7 @@ def test_killed_ddp_stages_fail_keep_outputs_resume_and_start_afresh_when_done(p
         assert "Restoring states from the checkpoint" in resumed
         metrics = json.loads((tmp_path / "train.json").read_text())
         assert metrics["world_size"] == 2 and metrics["steps"] == 16
-        assert not (project / "checkpoints" / "finetune" / "rgbt_seg").exists()  # a finished run keeps none
+        assert not list((project / "checkpoints" / "finetune" / "rgbt_seg").rglob("*.ckpt"))  # none kept
 
         again = run(project, *TORCHRUN, "--nproc_per_node=2", "--master_port=29539", *finetune_command(tmp_path),
                     with_log=True)
