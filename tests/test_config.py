@@ -133,9 +133,10 @@ def test_label_efficiency_preset_sweeps_fractions_for_every_method():
 
 def test_training_stages_start_through_the_launcher():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name in ("foundation", "psst_warmup", "psst_joint", "finetune"):  # the Lightning-trained stages
+    # trained by Lightning, or spread over the trainer's ranks (subset scoring, evaluation)
+    for name in ("foundation", "psst_warmup", "psst_select", "psst_joint", "finetune", "evaluate"):
         assert stages[name]["do"]["cmd"].startswith("${launcher.command} -m stages." + name + " "), name
-    for name in ("psst_select", "evaluate", "probe_lora"):  # one process
+    for name in ("export_lora", "probe_lora"):  # one process
         assert stages[name]["do"]["cmd"].startswith("python -m stages."), name
     assert yaml.safe_load(compose_params([], REPO / "conf"))["launcher"] == {"command": "python"}
     params = yaml.safe_load(compose_params(["launcher=torchrun", "launcher.nproc_per_node=4"], REPO / "conf"))
