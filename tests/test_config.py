@@ -92,7 +92,8 @@ def test_paper_presets_pick_their_papers_settings():
     assert sod["tasks"]["vt5000_rgbt_sod"]["head"] == "sod" and sod["datasets"]["vt5000"]["reader"] == "vt5000"
     assert sod["tasks"]["vt5000_rgbt_sod"]["decoder"]["architecture"] == "progressive"  # CPNet-style
     cola = yaml.safe_load(compose_params(["experiment=cola_mfnet"], REPO / "conf"))
-    assert cola["methods"]["cola"]["cola"] == {"rank": 16, "alpha": 16.0, "targets": ["q", "k", "v", "o", "fc1", "fc2"]}
+    assert cola["methods"]["cola"]["cola"] == {"rank": 16, "alpha": 8.0, "s_init": 0.1, "reduction": [2, 4, 8, 16],
+                                               "pool": "mean", "targets": ["q", "k", "v", "o", "fc1", "fc2"]}
 
 
 def test_real_data_presets_use_real_weights_and_no_demo_foundation():
