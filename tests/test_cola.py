@@ -111,8 +111,8 @@ def test_at_init_both_streams_equal_the_frozen_backbone(backbone, images):
         cola = CoLA(backbone, cross=cross)
         assert all(not a.B.any() for a in adapters(cola).values())
         assert_equal_maps(cola(backbone, images), expected)
-    scales = {a.s.item() for a in adapters(CoLA(backbone, rank=8, alpha=4.0)).values()}
-    assert scales == {0.5}  # s starts at alpha / r
+    scales = {a.s.item() for a in adapters(CoLA(backbone, rank=8, alpha=4.0, s_init=0.25)).values()}
+    assert scales == {0.25}  # s starts at s_init, apart from alpha / r
 
 
 @torch.no_grad()
