@@ -33,7 +33,8 @@ from pipeline.training.task_module import TaskTraining
 from tests.conftest import smoke_params
 
 STEPS, GLOBAL_BATCH, SIZE, CLASSES = 4, 4, 64, 7
-OPTIM = OptimSettings(lr=5e-3, weight_decay=0.05, warmup_fraction=0.0)  # large enough to move tensors ~1e-2
+# AdamW at lr 5e-3 without warm-up: large enough to move the tensors ~1e-2 in 4 steps
+OPTIM = OptimSettings(optimizer={"_target_": "torch.optim.AdamW", "lr": 5e-3, "weight_decay": 0.05}, warmup_fraction=0.0)
 
 
 class FixedSamples(Dataset):

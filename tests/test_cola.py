@@ -94,11 +94,12 @@ def test_parameter_count_over_lora_is_the_papers_12_5m():
     # ViT-B/16: width C = 768, MLP 3072, 12 blocks, two streams; q, k, v, o, fc1, fc2 adapted.
     r, c, hidden, blocks = 16, 768, 3072, 12
     lora_block = 4 * r * (c + c) + 2 * r * (c + hidden)  # A (r x in) + B (out x r) per layer
-    hyper = (c * (c // 16) + c // 16) + (c // 16 * r * r + r * r) + 2 * r * r  # Linear, Linear, LN
+    k = c // 16  # reduction 16 (Table 7)
+    hyper = (c * k + k) + 2 * k + (k * r * r + r * r) + 2 * r * r  # Linear, LayerNorm, Linear, LayerNorm
     cross_block = lora_block + 6 * (hyper + 1)  # A_c, B_c sized as A, B; hypernetwork; s
     assert lora.num_parameters == 2 * blocks * lora_block == 5_308_416
     extra = cola.num_parameters - lora.num_parameters
-    assert extra == 2 * blocks * cross_block == 12_503_952
+    assert extra == 2 * blocks * cross_block == 12_517_776
     assert abs(extra - 12.5e6) <= 0.3e6
 
 
@@ -110,8 +111,8 @@ def test_at_init_both_streams_equal_the_frozen_backbone(backbone, images):
         cola = CoLA(backbone, cross=cross)
         assert all(not a.B.any() for a in adapters(cola).values())
         assert_equal_maps(cola(backbone, images), expected)
-    scales = {a.s.item() for a in adapters(CoLA(backbone, rank=8, alpha=4.0)).values()}
-    assert scales == {0.5}  # s starts at alpha / r
+    scales = {a.s.item() for a in adapters(CoLA(backbone, rank=8, alpha=4.0, s_init=0.25)).values()}
+    assert scales == {0.25}  # s starts at s_init, apart from alpha / r
 
 
 @torch.no_grad()
@@ -202,9 +203,10 @@ def image_mean_of_proj_input(block: nn.Module, proj_input: Tensor, out_hw: tuple
 
 @torch.no_grad()
 def test_cross_features_are_refreshed_at_three_points_of_every_block(backbone, images):
-    """c of each adapted layer == the other stream's norm1 output (q, k, v), proj input (o) and
-    norm2 output (fc1, fc2), pooled over its whole image; taken from plain runs of the encoder
-    (at init both streams' features are the frozen encoder's)."""
+    """c of each adapted layer == the other stream's residual stream entering norm1 (q, k, v),
+    proj input (o) and residual stream entering norm2 (fc1, fc2), as the released code takes
+    them, pooled over its whole image; taken from plain runs of the encoder (at init both
+    streams' features are the frozen encoder's)."""
     hiera = backbone.name == HIERA
     blocks = backbone.model.blocks
 
@@ -215,9 +217,9 @@ def test_cross_features_are_refreshed_at_three_points_of_every_block(backbone, i
             def keep(name: str, i: int = i):
                 return lambda _m, args, out=None: found[i].update({name: args[0] if out is None else out})
             hooks += [
-                block.norm1.register_forward_hook(keep("norm1")),
+                block.norm1.register_forward_pre_hook(keep("norm1_in")),
                 block.attn.proj.register_forward_pre_hook(keep("proj_in")),
-                block.norm2.register_forward_hook(keep("norm2")),
+                block.norm2.register_forward_pre_hook(keep("norm2_in")),
                 block.register_forward_hook(keep("out")),
             ]
         try:
@@ -244,14 +246,49 @@ def test_cross_features_are_refreshed_at_three_points_of_every_block(backbone, i
             else:
                 o_point = at["proj_in"].mean(dim=1)
             expected = {
-                **dict.fromkeys(QKV, at["norm1"].mean(dim=tokens)),
+                **dict.fromkeys(QKV, at["norm1_in"].mean(dim=tokens)),
                 "o": o_point,
-                **dict.fromkeys(("fc1", "fc2"), at["norm2"].mean(dim=tokens)),
+                **dict.fromkeys(("fc1", "fc2"), at["norm2_in"].mean(dim=tokens)),
             }
             for target, c in expected.items():
                 assert c.shape == (2, cola.adapters[stream][i][target].hyper[0].in_features)
                 torch.testing.assert_close(seen[stream, i, target], c, rtol=1e-5, atol=1e-6)
     assert padding_seen == hiera  # some Hiera windows are padded, and the padding is left out
+
+
+@torch.no_grad()
+def test_class_token_pooling_reads_the_other_streams_class_token(images):
+    """`pool: cls` (the paper: "averaging along the token dimension or utilizing the [CLS] token")."""
+    vit = create_backbone(VIT, weights="random", img_size=SIZE).eval().requires_grad_(False)
+    entering: list[Tensor] = []
+    hook = vit.model.blocks[0].norm1.register_forward_pre_hook(lambda _m, args: entering.append(args[0]))
+    vit(images["thermal"])
+    hook.remove()
+    cola = CoLA(vit, pool="cls")
+    seen, hooks = record(cola, pre=True)
+    cola(vit, images)
+    remove(hooks)
+    torch.testing.assert_close(seen["rgb", 0, "q"], entering[0][:, 0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="class token"):
+        CoLA(create_backbone(HIERA, weights="random", img_size=SIZE), pool="cls")
+
+
+def test_scales_and_hypernetworks_are_the_papers():
+    """Tables 7-9: alpha 8 at rank 16 (alpha/r = 0.5), s initialised on its own (s_init), and the
+    hypernetwork's reduction per stage of a hierarchical encoder ([2, 4, 8, 16]); the
+    hypernetwork as released: Linear, GELU, LayerNorm, Linear, LayerNorm."""
+    hiera = create_backbone(HIERA, weights="random", img_size=SIZE)
+    for s_init in (0.1, 0.5):
+        cola = CoLA(hiera, s_init=s_init, reduction=[2, 4, 8, 16])
+        for adapter in adapters(cola).values():
+            assert adapter.scaling == 0.5 and adapter.s.item() == pytest.approx(s_init)
+            kinds = [type(m).__name__ for m in adapter.hyper]
+            assert kinds == ["Linear", "GELU", "LayerNorm", "Linear", "LayerNorm"]
+    stage = [sum(i > end for end in hiera.model.stage_ends) for i in range(len(hiera.model.blocks))]
+    for (_, block, _), adapter in adapters(cola).items():  # a block's stage is the one it outputs
+        assert adapter.hyper[0].out_features == adapter.hyper[0].in_features // [2, 4, 8, 16][stage[block]]
+    with pytest.raises(ValueError, match="one per stage"):
+        CoLA(hiera, reduction=[2, 4])
 
 
 def test_gradients_reach_every_adapter_tensor_and_nothing_else(backbone, images):

@@ -81,7 +81,13 @@ def test_every_preset_composes_to_a_consistent_dag(experiment):
 
 def test_paper_presets_pick_their_papers_settings():
     swin = yaml.safe_load(compose_params(["experiment=iv_tuning_mfnet_swin_l"], REPO / "conf"))
-    assert swin["backbone"]["name"] == "swin_large_patch4_window7_224" and swin["backbone"]["img_size"] == [480, 640]
+    assert swin["backbone"]["name"] == "swin_large_patch4_window7_224.ms_in22k"  # ImageNet-22K, as the paper
+    assert swin["backbone"]["img_size"] == [480, 640]
+    train = swin["tasks"]["mfnet_rgbt_seg"]["train"]  # SGD 1e-3 / 1e-2, 160k iterations at batch 2, train + val
+    assert train["split"] == ["train", "val"] and train["batch_size"] == 2
+    assert abs(train["epochs"] * train["samples_per_epoch"] / train["batch_size"] - 160_000) < 100
+    assert train["optim"]["optimizer"] == {"_target_": "torch.optim.SGD", "lr": 1e-3, "momentum": 0.9,
+                                           "weight_decay": 1e-2}
     assert swin["tasks"]["mfnet_rgbt_seg"]["eval"]["image_size"] is None  # MFNet's native 480x640
     assert swin["methods"]["iv_tuning"]["iv_tuning"] == {"d1": 8, "d2": 64, "d3": 8, "dropout": 0.1}
     assert list(swin["tasks"]) == ["mfnet_rgbt_seg"] and swin["tasks"]["mfnet_rgbt_seg"]["method"] == "iv_tuning"
@@ -91,8 +97,20 @@ def test_paper_presets_pick_their_papers_settings():
     sod = yaml.safe_load(compose_params(["experiment=iv_tuning_vt5000_swin_l"], REPO / "conf"))
     assert sod["tasks"]["vt5000_rgbt_sod"]["head"] == "sod" and sod["datasets"]["vt5000"]["reader"] == "vt5000"
     assert sod["tasks"]["vt5000_rgbt_sod"]["decoder"]["architecture"] == "progressive"  # CPNet-style
+    assert sod["backbone"]["name"] == "swin_large_patch4_window12_384.ms_in22k"  # window 12 at 384, as released
+    sod_train = sod["tasks"]["vt5000_rgbt_sod"]["train"]
+    assert (sod_train["epochs"], sod_train["batch_size"], sod_train["image_size"]) == (200, 8, [384, 384])
+    assert sod_train["optim"] | {"optimizer": None} == {
+        "optimizer": None, "schedule": "step", "milestones": [0.5], "gamma": 0.1, "warmup_fraction": 0.0,
+        "gradient_clip_val": 0.5}
+    assert sod_train["optim"]["optimizer"] == {"_target_": "torch.optim.Adam", "lr": 5e-5, "weight_decay": 0.0}
     cola = yaml.safe_load(compose_params(["experiment=cola_mfnet"], REPO / "conf"))
-    assert cola["methods"]["cola"]["cola"] == {"rank": 16, "alpha": 16.0, "targets": ["q", "k", "v", "o", "fc1", "fc2"]}
+    assert cola["methods"]["cola"]["cola"] == {"rank": 16, "alpha": 8.0, "s_init": 0.1, "reduction": [2, 4, 8, 16],
+                                               "pool": "mean", "targets": ["q", "k", "v", "o", "fc1", "fc2"]}
+    cola_optim = cola["tasks"]["mfnet_rgbt_seg"]["train"]["optim"]
+    assert cola_optim["schedule"] == "poly" and set(cola_optim["param_groups"]) == {"model.decoder."}
+    mfnet = yaml.safe_load(compose_params(["experiment=mfnet"], REPO / "conf"))
+    assert mfnet["tasks"]["mfnet_rgbt_seg"]["train"]["optim"]["optimizer"]["lr"] == 3e-4  # the seed paper's AdamW
 
 
 def test_real_data_presets_use_real_weights_and_no_demo_foundation():

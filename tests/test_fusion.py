@@ -126,23 +126,30 @@ def test_absent_streams_do_not_affect_their_samples():
         module({"rgb": feats["rgb"], "thermal": feats["thermal"]})
 
 
-def test_modality_dropout_keeps_a_stream_and_zeroes_dropped_experts():
+def test_modality_dropout_is_drawn_once_per_sample_for_every_scale():
+    """A stream dropped for a sample is dropped at all four scales (TP-MoME and mean fusions
+    alike): its features get no gradient anywhere, and a kept stream is never revived."""
     torch.manual_seed(0)
-    module = tp_mome("softmax", modality_dropout=0.9).train()
+    channels = [8, 8, 8, 8]
+    module = MultiScaleFusion(STREAMS, channels, kind="tp_mome", stages=(0, 1, 2), modality_dropout=0.9).train()
     present = torch.ones(64, 3, dtype=torch.bool)
     present[:32, 0] = False
-    feats = features(batch=64, size=4, grad=True)
+    feats = {s: [torch.randn(64, c, 4 >> min(i, 1), 4 >> min(i, 1), requires_grad=True) for i, c in enumerate(channels)]
+             for s in STREAMS}
     out = module(feats, present)
     active = module.last_active
     assert active.any(dim=1).all() and (active.sum(dim=1) < 3).any()
     assert not (active & ~present).any()  # dropout never revives an absent stream
-    assert torch.equal(module.last_gates[:, 1:] == 0, ~active)
-    torch.testing.assert_close(module.last_gates.sum(dim=1), torch.ones(64))
     rescued = active.sum(dim=1) == 1
     assert set(active[rescued].float().argmax(dim=1).tolist()) == {0, 1, 2}  # the kept stream is random
-    grads = torch.autograd.grad(out.sum(), [feats[s] for s in STREAMS])
-    for m, g in enumerate(grads):  # a dropped stream reaches neither the experts nor the gate
-        assert torch.equal(g[~active[:, m]], torch.zeros_like(g[~active[:, m]]))
+    for scale in module.scales[:3]:
+        assert torch.equal(scale.last_active, active)  # one mask for every TP-MoME scale
+        assert torch.equal(scale.last_gates[:, 1:] == 0, ~active)
+        torch.testing.assert_close(scale.last_gates.sum(dim=1), torch.ones(64))
+    grads = torch.autograd.grad(sum(o.sum() for o in out), [x for s in STREAMS for x in feats[s]])
+    for index, g in enumerate(grads):  # at every scale, the mean fusion's included
+        m = index // len(channels)
+        assert torch.equal(g[~active[:, m]], torch.zeros_like(g[~active[:, m]])), (STREAMS[m], index % 4)
 
     module.eval()
     module(feats)
@@ -155,7 +162,7 @@ def test_mean_gating_has_no_gate_and_bad_options_fail():
     with pytest.raises(ValueError, match="anchor, softmax, mean, residual"):
         TPMoME(STREAMS, C, gating="top1")
     with pytest.raises(ValueError, match="modality_dropout"):
-        TPMoME(STREAMS, C, modality_dropout=1.0)
+        MultiScaleFusion(STREAMS, [C], modality_dropout=1.0)
 
 
 def test_residual_starts_as_the_concat_fusion_and_drops_absent_streams_from_the_anchor():

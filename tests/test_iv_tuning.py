@@ -19,6 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from pipeline.models.backbone import Backbone, create_backbone
+from pipeline.models.hiera_block import block_shortcut
 from pipeline.models.iv_tuning import HybridOperation, IVTuning, SimAM
 
 # name, input size, extra timm kwargs
@@ -114,6 +115,76 @@ def test_zeroed_module_reproduces_the_frozen_encoder(backbones, family):
         zero_output_projections(ivt)
         for a, e in zip(ivt(backbone, rgb, aux), expected, strict=True):
             torch.testing.assert_close(a, e, rtol=0, atol=1e-5)
+
+
+def expected_prompt(backbone: Backbone, block: int, previous_output: Tensor) -> Tensor:
+    """Block `block`'s prompt stream from the previous block's output (B, h, w, C): as it is, or
+    mapped to the block's width and grid where the block changes them (Hiera's shortcut, Swin's
+    patch merging at a stage's start)."""
+    model = backbone.model
+    if family_of(backbone) == "hiera":
+        return block_shortcut(model.blocks[block], previous_output)
+    if family_of(backbone) == "swin":
+        starts = np.cumsum([0] + [len(stage.blocks) for stage in model.layers])
+        if block in starts:
+            return model.layers[list(starts).index(block)].downsample(previous_output)
+    return previous_output
+
+
+def family_of(backbone: Backbone) -> str:
+    return next(f for f, (name, _, _) in FAMILIES.items() if name == backbone.name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ipa_reads_the_external_prompts_first_then_each_blocks_output(backbones, family):
+    """Eq. 3 and Sec. 3.1: "the external modal prompts P_E are input to the Internal Prompt
+    Adapter", and "Z^l is the output of the l-th encoder layer, which is the external modal
+    prompts for the next encoder layer": block 0's IPAs read P_E (not Z^0 = Z_vis + P_E), block
+    l's read block l-1's output Z_P."""
+    backbone = backbones[family]
+    torch.manual_seed(0)
+    ivt = IVTuning(backbone).eval()
+    seen: dict[str, Tensor] = {}
+
+    def keep(name: str, output: bool):
+        return lambda module, args, result: seen.__setitem__(name, result if output else args[0])
+
+    hooks = [ivt.empg.register_forward_hook(keep("P_E", True))]
+    for i, block in enumerate(ivt.blocks):
+        hooks += [block.attn.internal.register_forward_hook(keep(f"ipa_attn{i}", False)),
+                  block.mlp.internal.register_forward_hook(keep(f"ipa_mlp{i}", False)),
+                  block.mlp.register_forward_hook(keep(f"out{i}", True))]
+    with torch.no_grad():
+        ivt(backbone, *images(family))
+        for hook in hooks:
+            hook.remove()
+        assert torch.equal(seen["ipa_attn0"], seen["P_E"]) and torch.equal(seen["ipa_mlp0"], seen["P_E"])
+        for i in range(1, len(ivt.blocks)):
+            prompt = expected_prompt(backbone, i, seen[f"out{i - 1}"])
+            torch.testing.assert_close(seen[f"ipa_attn{i}"], prompt, rtol=0, atol=1e-6)
+            assert torch.equal(seen[f"ipa_mlp{i}"], seen[f"ipa_attn{i}"])
+
+
+def test_adapters_act_on_the_residual_stream_even_when_drop_path_drops_every_branch():
+    """Eq. 5-6: Z_ψ = ψ(Z) + Z and Z_P = Z_ψ + P_I on the residual stream, outside stochastic
+    depth. With every droppable branch dropped in training, the last block's adapters still
+    change the output."""
+    backbone = create_backbone("swin_tiny_patch4_window7_224", weights="random", img_size=64, drop_path_rate=0.5)
+    droppable = [m for m in backbone.modules() if type(m).__name__ == "DropPath"]
+    blocks = sum(len(stage.blocks) for stage in backbone.model.layers)
+    assert len(droppable) == 2 * (blocks - 1)  # both branches of every block but the first (rate 0)
+    for module in droppable:
+        module.drop_prob = 1.0
+    torch.manual_seed(0)
+    ivt = IVTuning(backbone, dropout=0.0).train()
+    rgb, aux = images("swin")
+    with torch.no_grad():
+        before = ivt(backbone, rgb, aux)[-1]
+        assert torch.equal(before, ivt(backbone, rgb, aux)[-1])  # nothing random is left
+        last = ivt.blocks[-1].mlp
+        last.hybrid.up.weight.add_(0.1)
+        last.internal.up.weight.add_(0.1)
+        assert not torch.allclose(ivt(backbone, rgb, aux)[-1], before, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +53,16 @@ def shards(tmp_path_factory):
 def test_shard_urls_error_names_folder_and_split(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'val'.*" + tmp_path.name):
         shard_urls(tmp_path, "val")
+
+
+def test_several_splits_are_read_together_in_order(tmp_path):
+    """`split: [train, val]` (IV-tuning trains MFNet on train + val)."""
+    for name in ("val-000001.tar", "train-000000.tar", "val-000000.tar", "test-000000.tar"):
+        (tmp_path / name).write_bytes(b"")
+    assert [Path(u).name for u in shard_urls(tmp_path, ["train", "val"])] == [
+        "train-000000.tar", "val-000000.tar", "val-000001.tar"]
+    with pytest.raises(FileNotFoundError, match="'extra'"):
+        shard_urls(tmp_path, ["train", "extra"])
 
 
 def test_eval_stream_decodes_16bit_and_labels_exactly(shards):

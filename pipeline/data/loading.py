@@ -36,12 +36,16 @@ Transform = Callable[[Sample], Sample]
 SKIPPED: Counter[str] = Counter()
 
 
-def shard_urls(shard_dir: Path | str, split: str) -> list[str]:
-    """The tar files of one split, sorted; a clear error when there are none."""
+def shard_urls(shard_dir: Path | str, split: str | Sequence[str]) -> list[str]:
+    """The tar files of one split, or of several (e.g. [train, val]: a paper that trains on
+    both), sorted per split; a clear error when a split has none."""
     shard_dir = Path(shard_dir)
-    urls = sorted(str(p) for p in shard_dir.glob(f"{split}-*.tar"))
-    if not urls:
-        raise FileNotFoundError(f"no shards for split {split!r} in {shard_dir}")
+    urls = []
+    for name in [split] if isinstance(split, str) else split:
+        found = sorted(str(p) for p in shard_dir.glob(f"{name}-*.tar"))
+        if not found:
+            raise FileNotFoundError(f"no shards for split {name!r} in {shard_dir}")
+        urls += found
     return urls
 
 

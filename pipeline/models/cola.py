@@ -8,19 +8,28 @@ stream s every adapted linear layer computes
     y = W x + (alpha/r) B A x + s_l B_c phi(c) A_c x
 
 with A, A_c (r x in) Kaiming-uniform as in LoRA, B, B_c (out x r) zero, s_l a learnable scalar
-initialised to alpha/r, and phi(c) an r x r matrix per sample from a hypernetwork
-(Linear C -> C/16, GELU, Linear -> r^2, LayerNorm(r^2)) of c, the other stream's features at
-the same point, mean-pooled over all its tokens. Every stream and layer has its own A, B, A_c,
-B_c, hypernetwork and s_l. Adapted layers ("targets"): q, k, v (three projections with their
-own adapters, although timm fuses them in `attn.qkv`), the attention output projection "o",
-and the MLP's fc1 and fc2.
+initialised on its own (`s_init`), and phi(c) an r x r matrix per sample from a hypernetwork
+(Linear C -> C/k, GELU, LayerNorm, Linear -> r^2, LayerNorm(r^2), as released) of c, the other
+stream's features at the same point, pooled over its tokens (mean, or the class token). Every
+stream and layer has its own A, B, A_c, B_c, hypernetwork and s_l. Adapted layers ("targets"):
+q, k, v (three projections with their own adapters, although timm fuses them in `attn.qkv`),
+the attention output projection "o", and the MLP's fc1 and fc2.
 
-Progressive propagation: c is refreshed at three points of every block,
+The paper's settings (Tables 7-9): rank 16, LoRA scaling alpha = 8 (alpha/r = 0.5), s_init 0.5
+(vision-language) or 0.1 (audio-visual; the default here: AVS is the dense, hierarchical-encoder
+setting closest to RGB-X segmentation), reduction k = 16, and per stage [2, 4, 8, 16] for a
+hierarchical encoder (Swin-L in AVS; Hiera here), so that an early, narrow stage keeps a
+usable hidden width (Hiera-B+ stage 1: 112/2 = 56 instead of 112/16 = 7).
 
-* before qkv: the other stream's normalised block input (`norm1` output), for q, k and v;
+Progressive propagation: c is refreshed at three points of every block, as the released code
+takes it:
+
+* before qkv: the other stream's residual stream entering the block (the input of `norm1`),
+  for q, k and v;
 * after attention: the other stream's attention output before the projection (the input of
   `attn.proj`), for o;
-* before the MLP: the other stream's normalised MLP input (`norm2` output), for fc1 *and* fc2.
+* before the MLP: the other stream's residual stream after attention (the input of `norm2`),
+  for fc1 *and* fc2.
 
 Choices, and why:
 
@@ -29,14 +38,14 @@ Choices, and why:
   LoRA on two ViT-B streams are only reached with hypernetworks of input width C everywhere (a
   4C-wide fc2 hypernetwork would add another 14.2M); and the hidden activations are a 4C-wide
   code of the very same features.
-* **GELU** in the hypernetwork: the authors' released code (loralib `CMLinear`) uses it, and so
-  do the encoders' own MLPs; unlike ReLU it has no dead units in a layer this narrow (6 units in
-  Hiera-T's first stage). Their code also normalises the C/16 hidden layer, which the paper's
-  description (followed here) does not have. The LayerNorm uses eps=1e-6, as theirs.
-* **Whole-image pooling.** Hiera attends inside windows (padded to whole windows on small grids)
-  and pools its queries at stage changes; c is the mean over the image's real tokens, never
-  per window or over padding. A ViT's c includes its class/register tokens: they are part of
-  the sequence each layer sees. phi is per sample, shared by all windows of an image.
+* **The hypernetwork as released** (loralib `CMLinear`'s `Mlp`): GELU, then a LayerNorm on the
+  hidden layer and one on the r x r output, eps=1e-6; the paper's Eq. 6 names "two linear
+  layers with a non-linear function and layer normalization" without placing them.
+* **Pooling** (`pool`): `mean` over every token of the image, or `cls` (the class token, ViT
+  only), the two the paper allows. Hiera attends inside windows (padded to whole windows on
+  small grids) and pools its queries at stage changes; c is the mean over the image's real
+  tokens, never per window or over padding. A ViT's mean includes its class/register tokens:
+  they are part of the sequence each layer sees. phi is per sample, shared by all windows.
 * **q, k, v as three projections on the fused weight.** `attn.qkv(x)` already returns
   [W_q x; W_k x; W_v x] (rows split into thirds); the three adapters' deltas are concatenated
   and added to it. Keeping timm's single matmul makes the zero-initialised model equal the
@@ -77,7 +86,7 @@ from pipeline.models.backbone import REDUCTIONS, Backbone, HieraBackbone, ViTBac
 
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 QKV = ("q", "k", "v")
-HYPER_REDUCTION = 16  # hypernetwork hidden width C/16
+POOLS = ("mean", "cls")
 
 Pair = tuple[Tensor, Tensor]
 Layers = tuple[nn.ModuleDict, nn.ModuleDict]  # one block's adapters: (stream 0's, stream 1's)
@@ -88,7 +97,8 @@ class CoLAAdapter(nn.Module):
     `(alpha/r) B A x + s B_c phi(c) A_c x`, that is added to the frozen `W x`."""
 
     def __init__(
-        self, in_features: int, out_features: int, cond_features: int, rank: int, alpha: float, cross: bool
+        self, in_features: int, out_features: int, cond_features: int, rank: int, alpha: float, cross: bool,
+        s_init: float = 0.1, reduction: int = 16,
     ):
         super().__init__()
         self.rank = rank
@@ -99,14 +109,15 @@ class CoLAAdapter(nn.Module):
         if cross:
             self.A_c = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, in_features), a=math.sqrt(5)))
             self.B_c = nn.Parameter(torch.zeros(out_features, rank))
-            hidden = max(1, cond_features // HYPER_REDUCTION)
+            hidden = max(1, cond_features // reduction)
             self.hyper = nn.Sequential(
                 nn.Linear(cond_features, hidden),
                 nn.GELU(),
+                nn.LayerNorm(hidden, eps=1e-6),
                 nn.Linear(hidden, rank * rank),
                 nn.LayerNorm(rank * rank, eps=1e-6),
             )
-            self.s = nn.Parameter(torch.tensor(alpha / rank))
+            self.s = nn.Parameter(torch.tensor(float(s_init)))
 
     def phi(self, c: Tensor) -> Tensor:
         """Pooled other-stream features (B, C) -> one r x r mixing matrix per sample (B, r, r)."""
@@ -165,6 +176,14 @@ def _token_mean(tokens: Tensor) -> Tensor:
     return tokens.flatten(1, -2).mean(dim=1)
 
 
+def _class_token(tokens: Tensor) -> Tensor:
+    """(B, N, C) -> (B, C): the class token (a ViT's first)."""
+    return tokens[:, 0]
+
+
+POOLING = {"mean": _token_mean, "cls": _class_token}
+
+
 def _cross(features: Pair, pool: Callable[[Tensor], Tensor] = _token_mean) -> Pair:
     """Each stream's c: the *other* stream's pooled features."""
     return pool(features[1]), pool(features[0])
@@ -194,11 +213,11 @@ def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, dropout: nn.Dropou
     return (dropout(weights) if dropout is not None else weights) @ v
 
 
-def _mlp_half(block: nn.Module, layers: Layers, xs: Pair) -> Pair:
+def _mlp_half(block: nn.Module, layers: Layers, xs: Pair, pool: Callable[[Tensor], Tensor]) -> Pair:
     """The MLP residual shared by both block families (timm `Mlp.forward`, adapted)."""
     mlp = block.mlp
     normed = _each(block.norm2, xs)
-    cs = _cross(normed)
+    cs = _cross(xs, pool)  # the residual stream entering norm2, as released
 
     def branch(layer: nn.ModuleDict, x: Tensor, c: Tensor) -> Tensor:
         hidden = mlp.norm(mlp.drop1(mlp.act(_adapted(mlp.fc1, layer, "fc1", x, c))))
@@ -220,7 +239,7 @@ def _hiera_attention(attn: MultiScaleAttention, layer: nn.ModuleDict, x: Tensor,
     return out.transpose(1, 2).reshape(batch, h, w, -1)
 
 
-def _hiera_block(block: MultiScaleBlock, layers: Layers, xs: Pair) -> Pair:
+def _hiera_block(block: MultiScaleBlock, layers: Layers, xs: Pair, pool: Callable[[Tensor], Tensor]) -> Pair:
     """Both streams through one Hiera block: timm 1.0.31 `MultiScaleBlock.forward`, adapted."""
     normed = _each(block.norm1, xs)
     shortcuts = xs
@@ -230,7 +249,7 @@ def _hiera_block(block: MultiScaleBlock, layers: Layers, xs: Pair) -> Pair:
             return x if block.pool is None else block.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
         shortcuts = _each(shortcut, normed)
-    c_qkv = _cross(normed)  # whole image, before padding and windows
+    c_qkv = _cross(xs, pool)  # the residual stream entering norm1: whole image, before padding and windows
 
     window_size = block.window_size
     H, W = normed[0].shape[1:3]
@@ -247,12 +266,12 @@ def _hiera_block(block: MultiScaleBlock, layers: Layers, xs: Pair) -> Pair:
     def to_image(x: Tensor) -> Tensor:
         return window_unpartition(x, window_size, (Hp, Wp))[:, :H, :W, :] if block.is_windowed else x
 
-    c_o = _cross(attended, lambda x: _token_mean(to_image(x)))  # real tokens only, not padding
+    c_o = _cross(attended, lambda x: pool(to_image(x)))  # real tokens only, not padding
     outs = _each(lambda layer, x, c: _adapted(block.attn.proj, layer, "o", x, c), layers, attended, c_o)
     if block.is_windowed:
         outs = _each(lambda x: to_image(x).contiguous(), outs)
     xs = _each(lambda s, out: s + block.drop_path1(block.ls1(out)), shortcuts, outs)
-    return _mlp_half(block, layers, xs)
+    return _mlp_half(block, layers, xs, pool)
 
 
 def _vit_attention(attn: Attention, layer: nn.ModuleDict, x: Tensor, c: Tensor) -> Tensor:
@@ -266,18 +285,18 @@ def _vit_attention(attn: Attention, layer: nn.ModuleDict, x: Tensor, c: Tensor) 
     return out if gate is None else out * gate
 
 
-def _vit_block(block: Block, layers: Layers, xs: Pair) -> Pair:
+def _vit_block(block: Block, layers: Layers, xs: Pair, pool: Callable[[Tensor], Tensor]) -> Pair:
     """Both streams through one ViT block: timm 1.0.31 `Block.forward` (no mask), adapted."""
     attn = block.attn
     normed = _each(block.norm1, xs)
-    attended = _each(lambda layer, x, c: _vit_attention(attn, layer, x, c), layers, normed, _cross(normed))
+    attended = _each(lambda layer, x, c: _vit_attention(attn, layer, x, c), layers, normed, _cross(xs, pool))
 
     def project(layer: nn.ModuleDict, x: Tensor, c: Tensor) -> Tensor:
         return attn.proj_drop(_adapted(attn.proj, layer, "o", x, c))
 
-    outs = _each(project, layers, attended, _cross(attended))
+    outs = _each(project, layers, attended, _cross(attended, pool))
     xs = _each(lambda x, out: x + block.drop_path1(block.ls1(out)), xs, outs)
-    return _mlp_half(block, layers, xs)
+    return _mlp_half(block, layers, xs, pool)
 
 
 class CoLA(nn.Module):
@@ -285,6 +304,7 @@ class CoLA(nn.Module):
 
     Parameters are `adapters.<stream>.<block>.<target>.{A, B, A_c, B_c, s, hyper.*}`.
     `cross=False` gives plain LoRA on the same layers (`A`, `B` only), same forward.
+    `reduction`: the hypernetworks' C/k, one k, or one per stage of a hierarchical encoder.
     """
 
     def __init__(
@@ -292,12 +312,24 @@ class CoLA(nn.Module):
         backbone: Backbone,
         streams: tuple[str, str] = ("rgb", "thermal"),
         rank: int = 16,
-        alpha: float | None = None,
+        alpha: float = 8.0,
         targets: Sequence[str] = TARGETS,
         cross: bool = True,
+        s_init: float = 0.1,
+        reduction: int | Sequence[int] = 16,
+        pool: str = "mean",
     ):
         super().__init__()
         blocks = _blocks(backbone)
+        has_class_token = getattr(backbone.model, "cls_token", None) is not None
+        if pool not in POOLS or (pool == "cls" and not has_class_token):
+            raise ValueError(f"pool must be one of {list(POOLS)} ('cls' needs an encoder with a class token), "
+                             f"got {pool!r} for {backbone.name}")
+        stage_of = _stage_of_blocks(backbone, len(blocks))
+        factors = [reduction] * (max(stage_of) + 1) if isinstance(reduction, int) else list(reduction)
+        if len(factors) != max(stage_of) + 1 or min(factors) < 1:
+            raise ValueError(f"reduction must be one factor >= 1 or one per stage ({max(stage_of) + 1} for "
+                             f"{backbone.name}), got {reduction!r}")
         if len(streams) != 2 or streams[0] == streams[1]:
             raise ValueError(f"CoLA needs two distinct streams, got {list(streams)}")
         unknown = sorted(set(targets) - set(TARGETS))
@@ -307,16 +339,19 @@ class CoLA(nn.Module):
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.streams = tuple(streams)
         self.rank = rank
-        self.alpha = float(rank if alpha is None else alpha)
+        self.alpha = float(alpha)
         self.targets = tuple(t for t in TARGETS if t in targets)
         self.cross = cross
+        self.pool = POOLING[pool]
         self._layout = [_layer_shapes(block) for block in blocks]
         self.adapters = nn.ModuleDict({
             stream: nn.ModuleList(
                 nn.ModuleDict({
-                    t: CoLAAdapter(*shapes[t], rank=rank, alpha=self.alpha, cross=cross) for t in self.targets
+                    t: CoLAAdapter(*shapes[t], rank=rank, alpha=self.alpha, cross=cross, s_init=s_init,
+                                   reduction=factors[stage])
+                    for t in self.targets
                 })
-                for shapes in self._layout
+                for shapes, stage in zip(self._layout, stage_of, strict=True)
             )
             for stream in self.streams
         })
@@ -346,9 +381,9 @@ class CoLA(nn.Module):
         per_block = zip(*(self.adapters[s] for s in self.streams), strict=True)
         for i, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
             if backbone.model.grad_checkpointing:
-                tokens = grad_checkpoint(run_block, block, layers, tokens, use_reentrant=False)
+                tokens = grad_checkpoint(run_block, block, layers, tokens, self.pool, use_reentrant=False)
             else:
-                tokens = run_block(block, layers, tokens)
+                tokens = run_block(block, layers, tokens, self.pool)
             if i in take:
                 taken.append(tokens)
         maps = [
@@ -357,6 +392,14 @@ class CoLA(nn.Module):
             for stream_tokens, image in zip(zip(*taken), images, strict=True)
         ]
         return dict(zip(self.streams, maps, strict=True))
+
+
+def _stage_of_blocks(backbone: Backbone, blocks: int) -> list[int]:
+    """The stage each block belongs to: Hiera's four (ending at `stage_ends`); one for a ViT."""
+    if not isinstance(backbone, HieraBackbone):
+        return [0] * blocks
+    ends = list(backbone.model.stage_ends)
+    return [sum(i > end for end in ends) for i in range(blocks)]
 
 
 def _vit_embed(backbone: ViTBackbone, x: Tensor) -> Tensor:

@@ -28,6 +28,8 @@ R_cat acts as a stable anchor"), so four readings are switchable (`gating=`):
 
 Missing and dropped modalities: `present` (B, M) marks the streams a sample has, and in training
 modality dropout also drops each stream with probability p (never all of a sample's streams).
+`MultiScaleFusion` draws the dropout once per sample and applies it at every scale, so a stream
+dropped at stride 4 is dropped at stride 32 too, and the decoder never sees it.
 An inactive stream's slice of R_cat is zeroed for every expert and the gate, and its expert's
 weight is zero with the others renormalised (a masked softmax). The GroupNorm centres every
 slice, so zero is the "average feature", a neutral placeholder.
@@ -129,7 +131,7 @@ class TPMoME(StreamFusion):
     order of one C->C 1x1 conv. After each forward, `last_gates` holds the detached weights
     per sample, columns named by `gate_names` (anchor: the M modality experts; softmax and
     mean: the general expert first, then the modality experts), and `last_active` the (B, M)
-    streams that took part (after `present` and modality dropout).
+    streams that took part (`present`, after `MultiScaleFusion`'s modality dropout).
 
     Initialisation, for a stable start: the gate's last layer is zero, so every sample starts
     with uniform weights and no expert wins before the experts differ. With "anchor", the
@@ -147,18 +149,14 @@ class TPMoME(StreamFusion):
         proj_dim: int | None = None,
         hidden_dim: int | None = None,
         gating: str = "residual",
-        modality_dropout: float = 0.0,
     ):
         super().__init__(streams)
         if gating not in GATINGS:
             raise ValueError(f"unknown gating {gating!r}; choose one of {', '.join(GATINGS)}")
-        if not 0.0 <= modality_dropout < 1.0:
-            raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
         m = len(self.streams)
         dim = proj_dim or max(in_channels // 4, 1)
         width = m * dim
         self.gating = gating
-        self.modality_dropout = modality_dropout
         self.project = nn.ModuleList(
             nn.Sequential(nn.Conv2d(in_channels, dim, kernel_size=1), nn.GroupNorm(1, dim))
             for _ in self.streams
@@ -189,16 +187,6 @@ class TPMoME(StreamFusion):
         self.last_gates: Tensor | None = None
         self.last_active: Tensor | None = None
 
-    def active_streams(self, present: Tensor) -> Tensor:
-        """Modality dropout (training only): drop each present stream with probability p,
-        then give a sample that lost all its streams back one present stream, chosen at random."""
-        if not (self.training and self.modality_dropout > 0):
-            return present
-        kept = present & (torch.rand(present.shape, device=present.device) >= self.modality_dropout)
-        rescue = torch.rand(present.shape, device=present.device).masked_fill(~present, -1.0).argmax(dim=1)
-        emptied = ~kept.any(dim=1, keepdim=True)
-        return kept | (F.one_hot(rescue, len(self.streams)).bool() & emptied)
-
     def concat(self, maps: Sequence[Tensor], active: Tensor) -> Tensor:
         """R_cat: the projected streams, inactive ones zeroed, (B, M*D, H, W)."""
         return masked_concat([p(x) for p, x in zip(self.project, maps, strict=True)], active)
@@ -221,7 +209,7 @@ class TPMoME(StreamFusion):
     def forward(self, features: Mapping[str, Tensor], present: Tensor | None = None) -> Tensor:
         """{stream: (B, C, H, W)} -> (B, out_channels, H, W); `present` (B, M) marks missing inputs."""
         maps = self.ordered(features)
-        active = self.active_streams(self.presence(present, maps[0]))
+        active = self.presence(present, maps[0])
         r_cat = self.concat(maps, active)
         weights = self.gate_weights(r_cat, active)
         self.last_gates, self.last_active = weights.detach(), active
@@ -239,11 +227,22 @@ class TPMoME(StreamFusion):
         return mixture
 
 
+def drop_streams(present: Tensor, p: float) -> Tensor:
+    """Modality dropout: drop each present stream with probability p, then give a sample that
+    lost all its streams back one present stream, chosen at random. (B, M) bool -> (B, M) bool."""
+    kept = present & (torch.rand(present.shape, device=present.device) >= p)
+    rescue = torch.rand(present.shape, device=present.device).masked_fill(~present, -1.0).argmax(dim=1)
+    emptied = ~kept.any(dim=1, keepdim=True)
+    return kept | (F.one_hot(rescue, present.shape[1]).bool() & emptied)
+
+
 class MultiScaleFusion(nn.Module):
     """One fusion per encoder scale; output channels equal `channels`, so decoders are unchanged.
 
     kind "tp_mome": TPMoME at `stages` (tp_mome_kwargs go to each), MeanFusion elsewhere;
-    "concat": ConcatFusion at every scale; "mean": MeanFusion at every scale.
+    "concat": ConcatFusion at every scale; "mean": MeanFusion at every scale. In training,
+    `modality_dropout` drops streams once per sample for all scales (`drop_streams`);
+    `last_active` holds the (B, M) streams of the last forward.
     """
 
     def __init__(
@@ -252,11 +251,16 @@ class MultiScaleFusion(nn.Module):
         channels: Sequence[int],
         kind: str = "tp_mome",
         stages: Sequence[int] = (0, 1, 2, 3),
+        modality_dropout: float = 0.0,
         **tp_mome_kwargs,
     ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown fusion {kind!r}; choose one of {', '.join(KINDS)}")
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        self.modality_dropout = modality_dropout
+        self.last_active: Tensor | None = None
         if tp_mome_kwargs and kind != "tp_mome":
             raise ValueError(f"options {sorted(tp_mome_kwargs)} only apply to kind='tp_mome', not {kind!r}")
         if not set(stages) <= set(range(len(channels))):
@@ -278,6 +282,11 @@ class MultiScaleFusion(nn.Module):
         for stream, maps in features.items():
             if len(maps) != len(self.scales):
                 raise ValueError(f"stream {stream!r} has {len(maps)} maps, expected {len(self.scales)}")
+        finest = self.scales[0].ordered({s: maps[0] for s, maps in features.items()})[0]
+        present = self.scales[0].presence(present, finest)
+        if self.training and self.modality_dropout > 0:
+            present = drop_streams(present, self.modality_dropout)
+        self.last_active = present
         return [
             fusion({s: maps[i] for s, maps in features.items()}, present)
             for i, fusion in enumerate(self.scales)

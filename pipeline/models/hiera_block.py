@@ -4,10 +4,10 @@ timm's `MultiScaleBlock.forward` (timm 1.0.31: padding to whole windows, window 
 shortcut projection and pooling at stage changes, layer scale, drop path, MLP) is copied here
 once, so that no backbone module has to be wrapped or renamed (their paths are the LoRA keys
 and the weights fingerprint). Three seams: `attend` replaces the attention call on the
-normalised (windowed) tokens, `after_attn` / `after_mlp` transform each branch's output before
-it joins the residual stream. Task prompts use the first, IV-tuning the other two; their tests
-check that with nothing changed this still equals `block(x)`, so a timm upgrade that changes
-the block fails there.
+normalised (windowed) tokens, `after_attn` / `after_mlp` transform the residual stream after
+each branch has joined it (outside drop path, so stochastic depth never drops them). Task
+prompts use the first, IV-tuning the other two; their tests check that with nothing changed
+this still equals `block(x)`, so a timm upgrade that changes the block fails there.
 """
 
 from __future__ import annotations
@@ -24,12 +24,8 @@ Branch = Callable[[Tensor], Tensor]
 def hiera_block_forward(block: MultiScaleBlock, x: Tensor, *, attend: Branch | None = None,
                         after_attn: Branch | None = None, after_mlp: Branch | None = None) -> Tensor:
     """`block(x)` for tokens (B, H, W, C), with the given seams replaced."""
-    shortcut = x
+    shortcut = block_shortcut(block, x)
     x = block.norm1(x)
-    if block.dim != block.dim_out:
-        shortcut = block.proj(x)
-        if block.pool is not None:
-            shortcut = block.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     window_size = block.window_size
     H, W = x.shape[1:3]
@@ -46,7 +42,19 @@ def hiera_block_forward(block: MultiScaleBlock, x: Tensor, *, attend: Branch | N
             Hp, Wp, _, _ = _calc_pad(H, W, window_size)
         x = window_unpartition(x, window_size, (Hp, Wp))[:, :H, :W, :].contiguous()
 
-    attn_out = block.ls1(x)
-    x = shortcut + block.drop_path1(after_attn(attn_out) if after_attn else attn_out)
-    mlp_out = block.ls2(block.mlp(block.norm2(x)))
-    return x + block.drop_path2(after_mlp(mlp_out) if after_mlp else mlp_out)
+    x = shortcut + block.drop_path1(block.ls1(x))
+    if after_attn is not None:
+        x = after_attn(x)
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return after_mlp(x) if after_mlp is not None else x
+
+
+def block_shortcut(block: MultiScaleBlock, x: Tensor) -> Tensor:
+    """The block's residual path for its input (B, H, W, C): `x` within a stage; at a stage
+    change, timm's projection of the normalised input to the new width, pooled to the new grid."""
+    if block.dim == block.dim_out:
+        return x
+    shortcut = block.proj(block.norm1(x))
+    if block.pool is not None:
+        shortcut = block.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return shortcut

@@ -16,10 +16,13 @@ state dict holds only these tensors and one frozen encoder can serve other metho
 * `empg`, the External Modal Prompt Generator: 1x1 projections of the visible and the aux
   patch tokens to d1; `HybridOperation` on the visible path, parameter-free `SimAM` on the
   aux path; sum; 1x1 back to C. The prompts are ADDED to the visible patch tokens.
-* per block, after the attention branch and after the MLP branch (separate modules at the
-  two positions): a `HybridAdapter` (LN·γ+β, down to d2, `HybridOperation`, GELU, dropout,
-  up, residual) plus an `InternalPromptAdapter` (LN·γ+β, down to d3, `SimAM`, GELU, up,
-  γ·x+β, GELU) whose output is added: branch -> HA(branch) + IPA(branch).
+* per block, after the attention residual and after the MLP residual (separate modules at
+  the two positions): a `HybridAdapter` ψ (LN·γ+β, down to d2, `HybridOperation`, GELU,
+  dropout, up) on the residual stream Z, and an `InternalPromptAdapter` (LN·γ+β, down to d3,
+  `SimAM`, GELU, up, γ·x+β, GELU) on the prompt stream P, whose internal prompts P_I are
+  added: Z -> Z_P = ψ(Z) + Z + IPA(P) (the paper's Eq. 5-6). The prompt stream is the external
+  prompts P_E for the first block and the previous block's output Z^(l-1) after (Eq. 3: "Z^l
+  ... is the external modal prompts for the next encoder layer").
 
 Decisions the paper leaves open (the Swin-L count, 6,062,404 = 6.06M, is the arbiter where
 one exists; see tests/test_iv_tuning.py):
@@ -38,13 +41,16 @@ one exists; see tests/test_iv_tuning.py):
 * **Hybrid Operation:** `x + PConv(x)`, then `x + Conv1x1(ReLU(BN(Conv1x1(x))))`: one
   BatchNorm + ReLU between the two 1x1 convolutions, as in the authors' code. A BN + ReLU after
   each would add 6,160 parameters on Swin-L (6.07M, no longer the paper's 6.06M).
-* **Placement:** an adapter pair transforms the branch output right before it joins the
-  residual stream: after the block's layer scale (timm `ls1`/`ls2`, EVA `gamma_1`/`gamma_2`)
-  and before drop path, so stochastic depth drops the adapted branch as a whole and a frozen
-  layer scale does not shrink what the adapters add. The authors' code instead adapts the
-  stream right after each residual addition.
-* **IPA input:** the same branch output as the HA (it generates "internal" prompts from the
-  block's own features), and its output is added to the HA's.
+* **Placement** (Eq. 5-6, and the authors' code): each adapter pair acts on the residual
+  stream right after the branch (attention, MLP) has been added to it, outside drop path, so
+  stochastic depth (Swin-L's 0.2 in the paper's recipes) never drops the adapters, and a
+  frozen layer scale does not shrink what they add.
+* **Prompt stream per block** (Eq. 3), where the authors' Swin code updates it per stage
+  (P_E through stage 1, then each stage's output): every block's IPA reads its input, except
+  the first block's, which reads P_E. A block that changes width or grid (Hiera's first
+  block of a stage) maps the prompt with its own frozen shortcut (projection + pooling), as
+  its residual stream is mapped; Swin's stages start with the merge, so a block's input
+  already has its width.
 * **ViT / EVA prefix tokens** (class, register) bypass the adapters, whose spatial steps
   need the patch grid; they still mix with the patch tokens in attention (the authors' EVA
   code does the same with its class token). The EMPG sees patch tokens only.
@@ -83,7 +89,7 @@ from pipeline.models.backbone import (
     SwinBackbone,
     ViTBackbone,
 )
-from pipeline.models.hiera_block import hiera_block_forward
+from pipeline.models.hiera_block import block_shortcut, hiera_block_forward
 
 
 class SimAM(nn.Module):
@@ -185,15 +191,16 @@ class InternalPromptAdapter(nn.Module):
 
 
 class BranchAdapter(nn.Module):
-    """What replaces one branch output (attention or MLP): HA(x) + IPA(x)."""
+    """One {HA, IPA} pair on the residual stream after a branch: Z_P = HA(Z) + IPA(P) (Eq. 5-6;
+    the HA carries the residual, ψ(Z) + Z); `prompt` P is the block's prompt stream."""
 
     def __init__(self, dim: int, d2: int, d3: int, dropout: float):
         super().__init__()
         self.hybrid = HybridAdapter(dim, d2, dropout)
         self.internal = InternalPromptAdapter(dim, d3)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.hybrid(x) + self.internal(x)
+    def forward(self, x: Tensor, prompt: Tensor) -> Tensor:
+        return self.hybrid(x) + self.internal(prompt)
 
 
 class BlockAdapters(nn.Module):
@@ -247,48 +254,56 @@ def _run(checkpointed: bool, fn: Callable[..., Tensor], *args: Any) -> Tensor:
     return grad_checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args)
 
 
-def _hiera_block(block: MultiScaleBlock, x: Tensor, adapters: BlockAdapters) -> Tensor:
-    """timm's Hiera block on (B, H, W, C) with the adapters on both branches."""
-    return hiera_block_forward(block, x, after_attn=adapters.attn, after_mlp=adapters.mlp)
+def _hiera_block(block: MultiScaleBlock, x: Tensor, prompt: Tensor, adapters: BlockAdapters) -> Tensor:
+    """timm's Hiera block on (B, H, W, C) with the adapters after both residuals."""
+    prompt = block_shortcut(block, prompt)  # to the block's output width and grid
+    return hiera_block_forward(block, x, after_attn=lambda z: adapters.attn(z, prompt),
+                               after_mlp=lambda z: adapters.mlp(z, prompt))
 
 
-def _swin_block(block: SwinTransformerBlock, x: Tensor, adapters: BlockAdapters) -> Tensor:
-    """timm 1.0.31 `SwinTransformerBlock.forward` on (B, H, W, C), adapters on both branches.
+def _swin_block(block: SwinTransformerBlock, x: Tensor, prompt: Tensor, adapters: BlockAdapters) -> Tensor:
+    """timm 1.0.31 `SwinTransformerBlock.forward` on (B, H, W, C), adapters after both residuals.
 
     `_attn` (shift, windows, attention, merge) is timm's own; timm flattens to (B, N, C) for
     the MLP, which acts per token, so it runs on the map here.
     """
-    x = x + block.drop_path1(adapters.attn(block._attn(block.norm1(x))))
-    return x + block.drop_path2(adapters.mlp(block.mlp(block.norm2(x))))
+    x = adapters.attn(x + block.drop_path1(block._attn(block.norm1(x))), prompt)
+    return adapters.mlp(x + block.drop_path2(block.mlp(block.norm2(x))), prompt)
 
 
-def _on_patch_tokens(adapter: BranchAdapter, x: Tensor, grid: tuple[int, int], prefix: int) -> Tensor:
+def _patch_grid(x: Tensor, grid: tuple[int, int], prefix: int) -> Tensor:
+    """The patch tokens of a (B, prefix + h·w, C) sequence as a (B, h, w, C) map."""
+    return x[:, prefix:].reshape(x.shape[0], *grid, x.shape[-1])
+
+
+def _on_patch_tokens(adapter: BranchAdapter, x: Tensor, prompt: Tensor, grid: tuple[int, int],
+                     prefix: int) -> Tensor:
     """Adapt the patch tokens of a (B, prefix + h·w, C) sequence on their grid; prefix unchanged."""
-    patches = x[:, prefix:].reshape(x.shape[0], *grid, x.shape[-1])
-    return torch.cat([x[:, :prefix], adapter(patches).flatten(1, 2)], dim=1)
+    return torch.cat([x[:, :prefix], adapter(_patch_grid(x, grid, prefix), prompt).flatten(1, 2)], dim=1)
 
 
 def _vit_block(
     block: ViTBlock | EvaBlock,
     x: Tensor,
+    prompt: Tensor,
     rope: Tensor | None,
     adapters: BlockAdapters,
     grid: tuple[int, int],
     prefix: int,
 ) -> Tensor:
-    """timm 1.0.31 `Block.forward` / `EvaBlock.forward` (no mask), adapters on both branches."""
+    """timm 1.0.31 `Block.forward` / `EvaBlock.forward` (no mask), adapters after both residuals."""
     if isinstance(block, EvaBlock):
         attn = block.attn(block.norm1(x), rope=rope)
         attn = attn if block.gamma_1 is None else block.gamma_1 * attn
     else:
         attn = block.ls1(block.attn(block.norm1(x)))
-    x = x + block.drop_path1(_on_patch_tokens(adapters.attn, attn, grid, prefix))
+    x = _on_patch_tokens(adapters.attn, x + block.drop_path1(attn), prompt, grid, prefix)
     if isinstance(block, EvaBlock):
         mlp = block.mlp(block.norm2(x))
         mlp = mlp if block.gamma_2 is None else block.gamma_2 * mlp
     else:
         mlp = block.ls2(block.mlp(block.norm2(x)))
-    return x + block.drop_path2(_on_patch_tokens(adapters.mlp, mlp, grid, prefix))
+    return _on_patch_tokens(adapters.mlp, x + block.drop_path2(mlp), prompt, grid, prefix)
 
 
 class IVTuning(nn.Module):
@@ -327,34 +342,37 @@ class IVTuning(nn.Module):
             raise ValueError(f"aux {tuple(aux.shape)} must have the shape of rgb {tuple(rgb.shape)}")
         backbone.check_input(rgb)
         visible = backbone.model.patch_embed(rgb)  # (B, h, w, C) in every supported family
-        tokens = visible + self.empg(visible, self.aux_patch_embed(aux))
+        prompts = self.empg(visible, self.aux_patch_embed(aux))  # P_E (Eq. 7)
+        tokens = visible + prompts  # Z^0 (Eq. 2)
         if isinstance(backbone, HieraBackbone):
-            return self._hiera(backbone, tokens)
+            return self._hiera(backbone, tokens, prompts)
         if isinstance(backbone, SwinBackbone):
-            return self._swin(backbone, tokens)
-        return self._vit(backbone, tokens, rgb.shape[-2:])
+            return self._swin(backbone, tokens, prompts)
+        return self._vit(backbone, tokens, prompts, rgb.shape[-2:])
 
-    def _hiera(self, backbone: HieraBackbone, tokens: Tensor) -> list[Tensor]:
+    def _hiera(self, backbone: HieraBackbone, tokens: Tensor, prompts: Tensor) -> list[Tensor]:
         model = backbone.model
         tokens = backbone.add_pos_embed(tokens)
         maps = []
         for i, (block, adapters) in enumerate(zip(model.blocks, self.blocks, strict=True)):
-            tokens = _run(model.grad_checkpointing, _hiera_block, block, tokens, adapters)
+            prompt = prompts if i == 0 else tokens  # P_E, then the previous block's output Z^(l-1)
+            tokens = _run(model.grad_checkpointing, _hiera_block, block, tokens, prompt, adapters)
             if i in model.stage_ends:
                 maps.append(tokens.permute(0, 3, 1, 2))
         return maps
 
-    def _swin(self, backbone: SwinBackbone, tokens: Tensor) -> list[Tensor]:
+    def _swin(self, backbone: SwinBackbone, tokens: Tensor, prompts: Tensor) -> list[Tensor]:
         adapters: Iterator[BlockAdapters] = iter(self.blocks)
         maps = []
-        for stage in backbone.model.layers:  # timm's SwinTransformerStage.forward, block by block
+        for s, stage in enumerate(backbone.model.layers):  # timm's SwinTransformerStage.forward, block by block
             tokens = stage.downsample(tokens)
-            for block in stage.blocks:
-                tokens = _run(stage.grad_checkpointing, _swin_block, block, tokens, next(adapters))
+            for b, block in enumerate(stage.blocks):
+                prompt = prompts if s == b == 0 else tokens  # P_E, then the previous block's output Z^(l-1)
+                tokens = _run(stage.grad_checkpointing, _swin_block, block, tokens, prompt, next(adapters))
             maps.append(tokens.permute(0, 3, 1, 2).contiguous())
         return maps
 
-    def _vit(self, backbone: ViTBackbone, tokens: Tensor, size: torch.Size) -> list[Tensor]:
+    def _vit(self, backbone: ViTBackbone, tokens: Tensor, prompts: Tensor, size: torch.Size) -> list[Tensor]:
         """timm 1.0.31 `forward_intermediates` of VisionTransformer / Eva, then the backbone's
         parameter-free pyramid."""
         model = backbone.model
@@ -369,7 +387,9 @@ class IVTuning(nn.Module):
         grids = []
         for i, (block, adapters) in enumerate(zip(model.blocks, self.blocks, strict=True)):
             block_rope = rope[i] if per_block_rope else rope
-            x = _run(model.grad_checkpointing, _vit_block, block, x, block_rope, adapters, tuple(grid), prefix)
+            prompt = prompts if i == 0 else _patch_grid(x, tuple(grid), prefix)  # P_E, then Z^(l-1)
+            x = _run(model.grad_checkpointing, _vit_block, block, x, prompt, block_rope, adapters, tuple(grid),
+                     prefix)
             if i in backbone.block_indices:
                 grids.append(x[:, prefix:].reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous())
         h, w = size

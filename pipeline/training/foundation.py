@@ -39,7 +39,7 @@ from pipeline.models.backbone import DESCRIPTION_KEY, create_backbone
 from pipeline.models.mae_decoder import MAEDecoder, reconstruction_loss
 from pipeline.models.masking import MaskedEncoder, keyed_masks
 from pipeline.models.task_losses import segmentation_loss
-from pipeline.training.optim import OptimSettings, configure_adamw
+from pipeline.training.optim import ConfiguredOptimization, OptimSettings
 from pipeline.training.task_data import SEGMENTATION, TaskSample, stream_encoders, task_eval_stream
 from pipeline.training.tasks import (
     evaluate_model,
@@ -58,7 +58,7 @@ CURVE = ("loss", "loss_segmentation", "loss_mae")
 PRETRAINING = MethodSettings(name="full", train_encoder=True, fusion={"kind": "concat"})
 
 
-class FoundationPretraining(L.LightningModule):
+class FoundationPretraining(ConfiguredOptimization, L.LightningModule):
     """Segmentation and masked image modelling on RGB in one encoder pass per step.
 
     The first `mae_fraction` of each batch is masked (mask units replaced by the mask token) and
@@ -96,8 +96,6 @@ class FoundationPretraining(L.LightningModule):
                       batch_size=len(images))
         return loss
 
-    def configure_optimizers(self):
-        return configure_adamw(self.parameters(), self.optim, self.total_steps)
 
 
 def run_foundation(params: Mapping[str, Any], name: str, shard_dir: Path, outputs: PhaseOutputs,

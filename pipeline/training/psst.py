@@ -304,6 +304,8 @@ def run_export(params: Mapping[str, Any], lora: str, shard_dir: Path, warmup_dir
     network = build_network(params, psst, joint_dir / TRAINABLE)
     if source == "teacher" and (joint_dir / TEACHER).is_file():
         _load_tensors(network, joint_dir / TEACHER)
+    else:  # no joint phase ran (modes none, mae): there is no teacher, the student is what ships
+        source = "student"
     provenance = lora_provenance(
         network.backbone, LoraSettings.from_config(psst["lora"]), network.peft,
         modality={"name": run.modality, **read_json(warmup_dir / ENCODING), "dataset": run.dataset},

@@ -27,7 +27,7 @@ from pipeline.methods.psst import (
 )
 from pipeline.models.masking import keyed_masks
 from pipeline.training.checkpointing import TrainableOnlyCheckpoint
-from pipeline.training.optim import OptimSettings, configure_adamw
+from pipeline.training.optim import ConfiguredOptimization, OptimSettings
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class JointSettings:
     ema_end: float = 1.0
 
 
-class _PSSTPhase(TrainableOnlyCheckpoint, L.LightningModule):
+class _PSSTPhase(ConfiguredOptimization, TrainableOnlyCheckpoint, L.LightningModule):
     def __init__(self, network: PSSTNetwork, *, total_steps: int, optim: OptimSettings, mask_ratio: float,
                  normalize_targets: bool, seed: int):
         super().__init__()
@@ -60,8 +60,6 @@ class _PSSTPhase(TrainableOnlyCheckpoint, L.LightningModule):
         return keyed_masks(keys, mask_grid(images.shape[-2:]), self.mask_ratio, self.seed, self.global_step,
                            images.device)
 
-    def configure_optimizers(self):
-        return configure_adamw(self.parameters(), self.optim, self.total_steps)
 
 
 class MAEWarmup(_PSSTPhase):

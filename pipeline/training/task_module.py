@@ -8,11 +8,11 @@ from torch import Tensor
 from pipeline.methods.stage2 import TaskModel
 from pipeline.models.task_losses import build_loss
 from pipeline.training.checkpointing import TrainableOnlyCheckpoint
-from pipeline.training.optim import OptimSettings, configure_adamw
+from pipeline.training.optim import ConfiguredOptimization, OptimSettings
 from pipeline.training.task_data import SEGMENTATION
 
 
-class TaskTraining(TrainableOnlyCheckpoint, L.LightningModule):
+class TaskTraining(ConfiguredOptimization, TrainableOnlyCheckpoint, L.LightningModule):
     """Checkpoints hold only trainable tensors (prompts, fusion, decoder, task adapters); the
     frozen encoder and modality LoRAs come from their own files when a run is rebuilt."""
 
@@ -29,5 +29,3 @@ class TaskTraining(TrainableOnlyCheckpoint, L.LightningModule):
         self.log("loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
         return loss
 
-    def configure_optimizers(self):
-        return configure_adamw(self.parameters(), self.optim, self.total_steps)
