@@ -1,8 +1,9 @@
-"""Train one real module for 4 optimizer steps of a global batch of 4 in one layout (ranks x
+"""Train each real module for 4 optimizer steps of a global batch of 4 in one layout (ranks x
 per-rank batch x accumulation) and save every tensor training changes; run by
 tests/test_ddp_equivalence.py, which compares the layouts.
 
-Usage: python -m tests.ddp_equivalence <warmup|joint|tp_mome> <devices> <batch> <accumulate> <out> [lora_dir]
+Usage: python -m tests.ddp_equivalence <devices> <batch> <accumulate> <out_dir> <lora_dir>
+(writes <out_dir>/<phase>.safetensors for the phases warmup, joint, tp_mome)
 
 The data are fixed tensors in a fixed order: with our own unshuffled sampler (Lightning always
 shuffles the DistributedSampler it injects for training; the real streams are iterable and
@@ -33,8 +34,16 @@ from pipeline.training.task_module import TaskTraining
 from tests.conftest import smoke_params
 
 STEPS, GLOBAL_BATCH, SIZE, CLASSES = 4, 4, 64, 7
-# AdamW at lr 5e-3 without warm-up: large enough to move the tensors ~1e-2 in 4 steps
-OPTIM = OptimSettings(optimizer={"_target_": "torch.optim.AdamW", "lr": 5e-3, "weight_decay": 0.05}, warmup_fraction=0.0)
+# SGD with momentum, constant LR: linear in the gradients, so the layouts' rounding differences stay
+# rounding-sized. (Adam divides each gradient by its own running scale: a parameter whose gradient
+# is rounding noise, e.g. a bias in front of a normalisation, takes lr-sized steps of that noise.)
+# Learning rates that move the trained tensors by ~0.1-1 in 4 steps (the DINO head's gradients are large).
+LR = {"warmup": 0.5, "joint": 1e-3, "tp_mome": 0.5}
+
+
+def optim(phase: str) -> OptimSettings:
+    return OptimSettings(optimizer={"_target_": "torch.optim.SGD", "lr": LR[phase], "momentum": 0.9},
+                         schedule="constant", warmup_fraction=0.0)
 
 
 class FixedSamples(Dataset):
@@ -75,16 +84,14 @@ class InOrder(L.LightningDataModule):
 def build_module(phase: str, lora_dir: str | None) -> L.LightningModule:
     params = smoke_params()
     psst = params["psst"]
-    common = {"total_steps": STEPS, "optim": OPTIM}
+    common = {"total_steps": STEPS, "optim": optim(phase)}
     if phase in ("warmup", "joint"):
         network = build_network(params, psst)
         masking = {"mask_ratio": psst["mask_ratio"], "normalize_targets": True, "seed": 0}
         if phase == "warmup":
             return MAEWarmup(network, **common, **masking)
         return JointTraining(network, joint=JointSettings(**psst["joint"]["loss"]), **common, **masking)
-    # decoder: GroupNorm (BatchNorm would normalise per rank) with 2 channels per group: with one
-    # per group (embed_dim 16) it cancels every per-channel bias in front of it, whose zero
-    # gradients AdamW turns into lr-sized steps of rounding noise, different in every layout.
+    # decoder: GroupNorm (BatchNorm would normalise per rank)
     L.seed_everything(0, verbose=False)
     method = MethodSettings.from_config(params["methods"]["tp_mome"])
     model = TaskModel(create_backbone(**params["backbone"]), ["rgb", "thermal"], method, head="segmentation",
@@ -103,7 +110,10 @@ def trained_tensors(module: L.LightningModule) -> dict[str, Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
 
 
-def main(phase: str, devices: int, batch_size: int, accumulate: int, out: str, lora_dir: str | None = None) -> None:
+PHASES = ("warmup", "joint", "tp_mome")
+
+
+def train_phase(phase: str, devices: int, batch_size: int, accumulate: int, out: Path, lora_dir: str) -> None:
     module = build_module(phase, lora_dir)
     before = trained_tensors(module)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
@@ -114,9 +124,11 @@ def main(phase: str, devices: int, batch_size: int, accumulate: int, out: str, l
     if trainer.is_global_zero:
         after = trained_tensors(module)
         save_file({**{f"after/{k}": v for k, v in after.items()}, **{f"before/{k}": v for k, v in before.items()}},
-                  out, metadata={"world_size": str(trainer.world_size), "steps": str(trainer.global_step)})
+                  str(out / f"{phase}.safetensors"),
+                  metadata={"world_size": str(trainer.world_size), "steps": str(trainer.global_step)})
 
 
-if __name__ == "__main__":
-    phase, devices, batch, accumulate, out, *lora = sys.argv[1:]
-    main(phase, int(devices), int(batch), int(accumulate), out, *lora)
+if __name__ == "__main__":  # every phase in one launch: the processes start once per layout
+    devices, batch, accumulate, out, lora = sys.argv[1:]
+    for phase in PHASES:
+        train_phase(phase, int(devices), int(batch), int(accumulate), Path(out), lora)
