@@ -196,7 +196,7 @@ def finetune_command(out: Path) -> tuple[str, ...]:
 def test_selection_and_evaluation_give_the_same_outputs_on_one_and_two_processes(project, tmp_path):
     """psst_select (torchrun) and evaluate (Lightning-launched, and torchrun) split the shards over
     2 ranks and gather: the same subset.json, metrics.json (times aside) and figure as 1 process."""
-    run(project, sys.executable, "-m", "dvc", "repro", "evaluate@rgbt_sod", "psst_select@depth")
+    run(project, sys.executable, "-m", "dvc", "repro", "finetune@rgbt_seg", "evaluate@rgbt_sod", "psst_select@depth")
     dataset = yaml.safe_load((project / "params.yaml").read_text())["loras"]["depth"]["dataset"]
     select = ("-m", "stages.psst_select", "depth", f"data/shards/{dataset}", "data/psst/depth/warmup")
     evaluate = {task: ("-m", "stages.evaluate", task, "data/shards/demo", f"data/tasks/{task}/model")
@@ -208,7 +208,11 @@ def test_selection_and_evaluation_give_the_same_outputs_on_one_and_two_processes
             run(project, sys.executable, *evaluate["rgbt_seg"], str(tmp_path / f"rgbt_seg{n}"))  # Lightning launches
             run(project, *launch, *evaluate["rgbt_sod"], str(tmp_path / f"rgbt_sod{n}"))
     subsets = [json.loads((tmp_path / f"selection{n}" / "subset.json").read_text()) for n in (1, 2)]
-    assert subsets[0]["scored"] and len(subsets[0]["scores"]) == 8 and subsets[0] == subsets[1]
+    assert subsets[0]["scored"] and len(subsets[0]["scores"]) == 8
+    assert subsets[0]["selected"] == subsets[1]["selected"]  # the same subset, in the same order
+    # the scores to float precision: a rank's batch has another shape, so its sums round differently
+    assert subsets[0]["scores"].keys() == subsets[1]["scores"].keys()
+    assert all(v == pytest.approx(subsets[1]["scores"][k], rel=1e-5, abs=2e-8) for k, v in subsets[0]["scores"].items())
 
     def without_times(value):
         if isinstance(value, dict):
