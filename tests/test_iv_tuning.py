@@ -70,6 +70,17 @@ def test_swin_large_count_is_the_papers():
     assert sum(p.numel() for p in ivt.aux_patch_embed.parameters()) == patch_embed
 
 
+@pytest.mark.slow
+def test_eva02_large_count_at_patch_16_is_the_papers():
+    """Paper: 8.90M on EVA02-L, whose patch embedding the authors resampled to 16 (timm's patch-14
+    model gives 8.71M, its aux patch embedding being smaller)."""
+    backbone = create_backbone("eva02_large_patch14_224", weights="random", img_size=224, patch_size=16)
+    assert backbone.model.patch_embed.proj.kernel_size == (16, 16)
+    ivt = IVTuning(backbone)
+    assert ivt.num_parameters == 8_897_604 and ivt.num_parameters == pytest.approx(8.90e6, rel=0.001)
+    assert len(ivt.blocks) == 24
+
+
 def test_simam_is_its_closed_form():
     x = torch.randn(2, 3, 5, 7, dtype=torch.float64)  # not square: height and width stay apart
     out = SimAM()(x).numpy()
