@@ -93,7 +93,12 @@ def test_paper_presets_pick_their_papers_settings():
     assert list(swin["tasks"]) == ["mfnet_rgbt_seg"] and swin["tasks"]["mfnet_rgbt_seg"]["method"] == "iv_tuning"
     assert swin["tasks"]["mfnet_rgbt_seg"]["decoder"]["embed_dim"] == 256  # SegFormer-style head
     eva = yaml.safe_load(compose_params(["experiment=iv_tuning_mfnet_eva02_l"], REPO / "conf"))
-    assert eva["backbone"]["name"].startswith("eva02_large")
+    assert eva["backbone"] | {"img_size": None} == {  # Merged-38M, patch 16, stochastic depth 0.2
+        "name": "eva02_large_patch14_224.mim_m38m", "patch_size": 16, "drop_path_rate": 0.2, "weights": "pretrained",
+        "checkpoint": None, "img_size": None, "seed": 0}
+    eva_train = eva["tasks"]["mfnet_rgbt_seg"]["train"]  # the Swin-L recipe ("identical settings"), 512 crops
+    assert eva_train["image_size"] == [512, 512]
+    assert eva_train["optim"] == train["optim"] and eva_train["split"] == train["split"]
     sod = yaml.safe_load(compose_params(["experiment=iv_tuning_vt5000_swin_l"], REPO / "conf"))
     assert sod["tasks"]["vt5000_rgbt_sod"]["head"] == "sod" and sod["datasets"]["vt5000"]["reader"] == "vt5000"
     assert sod["tasks"]["vt5000_rgbt_sod"]["decoder"]["architecture"] == "progressive"  # CPNet-style
@@ -103,7 +108,7 @@ def test_paper_presets_pick_their_papers_settings():
     assert sod_train["optim"] | {"optimizer": None} == {
         "optimizer": None, "schedule": "step", "milestones": [0.5], "gamma": 0.1, "warmup_fraction": 0.0,
         "gradient_clip_val": 0.5}
-    assert sod_train["optim"]["optimizer"] == {"_target_": "torch.optim.Adam", "lr": 5e-5, "weight_decay": 0.0}
+    assert sod_train["optim"]["optimizer"] == {"_target_": "torch.optim.Adam", "lr": 5e-5, "weight_decay": 0.1}
     cola = yaml.safe_load(compose_params(["experiment=cola_mfnet"], REPO / "conf"))
     assert cola["methods"]["cola"]["cola"] == {"rank": 16, "alpha": 8.0, "s_init": 0.1, "reduction": [2, 4, 8, 16],
                                                "pool": "mean", "targets": ["q", "k", "v", "o", "fc1", "fc2"]}
