@@ -208,6 +208,24 @@ def test_vit_pyramid_is_parameter_free_resizing_of_spaced_blocks(vit):
     torch.testing.assert_close(maps[3], F.max_pool2d(grids[3], 2))
 
 
+def test_vit_out_blocks_pick_the_pyramid_blocks():
+    """IV-tuning's released EVA02-L takes blocks 7, 11, 15, 23 (0-based) of 24; a 12-block
+    model here takes 1, 3, 5, 11, and the maps are those blocks' outputs."""
+    vit = create_backbone(VIT, weights="random", img_size=64, out_blocks=[1, 3, 5, 11]).eval()
+    assert vit.block_indices == [1, 3, 5, 11]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        grids = vit.model.forward_intermediates(x, indices=[1, 3, 5, 11], intermediates_only=True)
+        maps = vit(x)
+    torch.testing.assert_close(maps[2], grids[2])
+    torch.testing.assert_close(maps[3], F.max_pool2d(grids[3], 2))
+    for bad in ([1, 3, 5], [3, 1, 5, 11], [1, 3, 5, 12]):
+        with pytest.raises(ValueError, match="out_blocks=.*increasing 0-based block indices below its depth 12"):
+            create_backbone(VIT, weights="random", img_size=64, out_blocks=bad)
+    with pytest.raises(ValueError, match="out_blocks=.*for ViT/EVA backbones"):
+        create_backbone(SWIN, weights="random", img_size=64, out_blocks=[0, 1, 2, 3])
+
+
 @pytest.mark.parametrize(
     ("family", "hw", "message"),
     [
@@ -379,6 +397,22 @@ def test_hiera_forward_splits_at_the_tokens(hiera, x):
         position = hiera.add_pos_embed(torch.zeros_like(patches))
         assert position.abs().sum() > 0
         torch.testing.assert_close(hiera.embed(x), patches + position)
+
+
+def test_swin_with_dynamic_img_size_trains_on_crops_and_runs_on_full_frames():
+    """IV-tuning's MFNet recipe: built for 512x512 crops, evaluated on 480x640 frames. With timm's
+    `dynamic_img_size` Swin computes its shifted-window masks per input, and on a frame equals a
+    Swin built for that frame (same windows: every stage here is larger than the 7x7 window)."""
+    crops = create_backbone(SWIN, weights="random", img_size=256, dynamic_img_size=True).eval()
+    frames = create_backbone(SWIN, weights="random", img_size=[256, 320]).eval()
+    frames.load_state_dict(crops.state_dict())
+    x = torch.randn(1, 3, 256, 320)
+    with torch.no_grad():
+        for a, b in zip(crops(x), frames(x), strict=True):
+            torch.testing.assert_close(a, b)
+        assert [m.shape[-2:] for m in crops(torch.randn(1, 3, 256, 256))] == [(256 // r,) * 2 for r in (4, 8, 16, 32)]
+    with pytest.raises(ValueError, match="multiples of 32"):
+        crops(torch.randn(1, 3, 256, 300))
 
 
 def test_swin_forward_splits_at_the_tokens(swin):

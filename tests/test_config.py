@@ -82,9 +82,9 @@ def test_every_preset_composes_to_a_consistent_dag(experiment):
 def test_paper_presets_pick_their_papers_settings():
     swin = yaml.safe_load(compose_params(["experiment=iv_tuning_mfnet_swin_l"], REPO / "conf"))
     assert swin["backbone"]["name"] == "swin_large_patch4_window7_224.ms_in22k"  # ImageNet-22K, as the paper
-    assert swin["backbone"]["img_size"] == [480, 640]
+    assert (swin["backbone"]["img_size"], swin["backbone"]["dynamic_img_size"]) == (512, True)  # crops and frames
     train = swin["tasks"]["mfnet_rgbt_seg"]["train"]  # SGD 1e-3 / 1e-2, 160k iterations at batch 2, train + val
-    assert train["split"] == ["train", "val"] and train["batch_size"] == 2
+    assert train["split"] == ["train", "val"] and train["batch_size"] == 2 and train["image_size"] == [512, 512]
     assert abs(train["epochs"] * train["samples_per_epoch"] / train["batch_size"] - 160_000) < 100
     assert train["optim"]["optimizer"] == {"_target_": "torch.optim.SGD", "lr": 1e-3, "momentum": 0.9,
                                            "weight_decay": 1e-2}
@@ -93,15 +93,16 @@ def test_paper_presets_pick_their_papers_settings():
     assert list(swin["tasks"]) == ["mfnet_rgbt_seg"] and swin["tasks"]["mfnet_rgbt_seg"]["method"] == "iv_tuning"
     assert swin["tasks"]["mfnet_rgbt_seg"]["decoder"]["embed_dim"] == 256  # SegFormer-style head
     eva = yaml.safe_load(compose_params(["experiment=iv_tuning_mfnet_eva02_l"], REPO / "conf"))
-    assert eva["backbone"] | {"img_size": None} == {  # Merged-38M, patch 16, stochastic depth 0.2
+    assert eva["backbone"] == {  # Merged-38M, patch 16, stochastic depth 0.2
         "name": "eva02_large_patch14_224.mim_m38m", "patch_size": 16, "drop_path_rate": 0.2, "weights": "pretrained",
-        "checkpoint": None, "img_size": None, "seed": 0}
+        "checkpoint": None, "img_size": 512, "dynamic_img_size": True, "out_blocks": [7, 11, 15, 23], "seed": 0}
     eva_train = eva["tasks"]["mfnet_rgbt_seg"]["train"]  # the Swin-L recipe ("identical settings"), 512 crops
     assert eva_train["image_size"] == [512, 512]
     assert eva_train["optim"] == train["optim"] and eva_train["split"] == train["split"]
     sod = yaml.safe_load(compose_params(["experiment=iv_tuning_vt5000_swin_l"], REPO / "conf"))
     assert sod["tasks"]["vt5000_rgbt_sod"]["head"] == "sod" and sod["datasets"]["vt5000"]["reader"] == "vt5000"
-    assert sod["tasks"]["vt5000_rgbt_sod"]["decoder"]["architecture"] == "progressive"  # CPNet-style
+    assert sod["tasks"]["vt5000_rgbt_sod"]["decoder"] | {"dropout": None} == {  # CPNet-style, all four outputs
+        "architecture": "progressive", "embed_dim": 64, "deep_supervision": True, "dropout": None}
     assert sod["backbone"]["name"] == "swin_large_patch4_window12_384.ms_in22k"  # window 12 at 384, as released
     sod_train = sod["tasks"]["vt5000_rgbt_sod"]["train"]
     assert (sod_train["epochs"], sod_train["batch_size"], sod_train["image_size"]) == (200, 8, [384, 384])

@@ -155,6 +155,30 @@ def test_progressive_head_gradients_reach_every_parameter():
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
 
 
+def test_progressive_head_deep_supervision_returns_every_decoder_stage_in_training():
+    """CPNet's deep supervision: a side logit from each coarser decoder stage (strides 32, 16, 8),
+    all at the output size in training; eval returns the same final map as without side outputs."""
+    torch.manual_seed(0)
+    plain = ProgressiveSODHead(PROGRESSIVE_CHANNELS, embed_dim=8, dropout=0.0)
+    deep = ProgressiveSODHead(PROGRESSIVE_CHANNELS, embed_dim=8, dropout=0.0, deep_supervision=True)
+    assert len(deep.side) == 3 and len(plain.side) == 0
+    assert sum(p.numel() for p in deep.parameters()) - sum(p.numel() for p in plain.parameters()) == 3 * (8 * 9 + 1)
+    deep.load_state_dict(plain.state_dict(), strict=False)  # the shared layers equal
+    feats = pyramid()
+    with torch.no_grad():  # before any training forward moves the BatchNorm statistics apart
+        torch.testing.assert_close(deep.eval()(feats), plain.eval()(feats))
+    outputs = deep.train()(feats, out_size=(32, 32))
+    assert isinstance(outputs, tuple) and [o.shape for o in outputs] == [(2, 1, 32, 32)] * 4
+    torch.testing.assert_close(outputs[0], plain.train()(feats, out_size=(32, 32)))
+    # the coarsest side output is the stride-32 map's prediction, upsampled: 2x2 -> 32x32
+    top = deep.top(deep.project[-1](feats[-1]))
+    expected = F.interpolate(deep.side[0](top), size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(outputs[1], expected)
+    outputs = deep.train()(feats)
+    sum(o.sum() for o in outputs).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in deep.side.parameters())
+
+
 def test_build_decoder_chooses_the_architecture_apart_from_the_task():
     cfg = {"embed_dim": 8, "dropout": 0.1}  # as from the YAML decoder block
     head = build_decoder("sod", PROGRESSIVE_CHANNELS, 1, architecture="progressive", **cfg)

@@ -128,6 +128,21 @@ def test_zeroed_module_reproduces_the_frozen_encoder(backbones, family):
             torch.testing.assert_close(a, e, rtol=0, atol=1e-5)
 
 
+def test_swin_trained_on_crops_runs_on_full_frames():
+    """The MFNet preset: a Swin with dynamic window masks (built for square crops) adapted by
+    IV-tuning takes a non-square frame, and zeroed it still equals the frozen encoder there."""
+    backbone = create_backbone("swin_tiny_patch4_window7_224", weights="random", img_size=64,
+                               dynamic_img_size=True).eval()
+    torch.manual_seed(0)
+    ivt = IVTuning(backbone).eval()
+    zero_output_projections(ivt)
+    rgb, aux = (torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(i)) for i in range(2))
+    with torch.no_grad():
+        for a, e in zip(ivt(backbone, rgb, aux), backbone(rgb), strict=True):
+            assert a.shape[-2:] == e.shape[-2:]
+            torch.testing.assert_close(a, e, rtol=0, atol=1e-5)
+
+
 def expected_prompt(backbone: Backbone, block: int, previous_output: Tensor) -> Tensor:
     """Block `block`'s prompt stream from the previous block's output (B, h, w, C): as it is, or
     mapped to the block's width and grid where the block changes them (Hiera's shortcut, Swin's

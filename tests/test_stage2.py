@@ -22,6 +22,7 @@ from pipeline.data.sharding import shard_dataset
 from pipeline.methods.stage2 import MethodSettings, TaskModel
 from pipeline.models.backbone import create_backbone
 from pipeline.models.lora import IncompatibleLoraError, LoraSettings, add_lora, export_lora, load_lora, lora_provenance
+from pipeline.models.task_losses import sod_loss
 from pipeline.predict import predict_folder
 from pipeline.training.optim import OptimSettings
 from pipeline.training.task_data import TaskSample, label_subset, sample_group
@@ -160,6 +161,26 @@ def test_sod_task_with_the_progressive_decoder(params):
     with torch.no_grad():
         assert model({"rgb": torch.randn(1, 3, SIZE, SIZE), "thermal": torch.randn(1, 3, SIZE, SIZE)}).shape == \
             (1, 1, SIZE, SIZE)
+
+
+def test_deep_supervision_trains_each_decoder_output_with_the_task_loss(params):
+    """VT5000 preset (IV-tuning's release): the loss is the SOD loss of the final map plus that of
+    each of the three side outputs, at equal weight."""
+    torch.manual_seed(0)
+    backbone = create_backbone(**params["backbone"])
+    model = TaskModel(backbone, ["rgb", "thermal"], method(params, "iv_tuning"), head="sod", num_classes=1,
+                      decoder={"architecture": "progressive", "embed_dim": 16, "deep_supervision": True})
+    module = TaskTraining(model, head="sod", ignore_index=255, total_steps=1, optim=OptimSettings()).train()
+    batch = {"rgb": torch.randn(2, 3, SIZE, SIZE), "thermal": torch.randn(2, 3, SIZE, SIZE),
+             "target": (torch.rand(2, 1, SIZE, SIZE) > 0.5).float()}
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    state = torch.random.get_rng_state()
+    loss = module.training_step(batch, 0)
+    torch.random.set_rng_state(state)  # the same dropout draws
+    outputs = model({"rgb": batch["rgb"], "thermal": batch["thermal"]})
+    assert len(outputs) == 4 and all(o.shape == (2, 1, SIZE, SIZE) for o in outputs)
+    torch.testing.assert_close(loss, sum(sod_loss(o, batch["target"]) for o in outputs))
+    assert loss > sod_loss(outputs[0], batch["target"])
 
 
 def test_method_settings_are_checked(params):

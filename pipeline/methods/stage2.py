@@ -153,7 +153,9 @@ class TaskModel(nn.Module):
             return self.cola(self.backbone, {stream: inputs[stream] for stream in self.streams})
         return {stream: self.encode(stream, inputs[stream]) for stream in self.streams}
 
-    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor | tuple[Tensor, ...]:
+        """Logits at the input size (a tuple (final, *side outputs) from a deeply supervised
+        decoder in training)."""
         missing = [s for s in self.streams if s not in inputs]
         if missing:
             raise KeyError(f"task model needs inputs for streams {missing}")

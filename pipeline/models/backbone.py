@@ -21,7 +21,9 @@ of 8); ViTs run with `dynamic_img_size=True` and take any size that is a multipl
 and the patch size (patch 16: multiples of 32; patch 14: multiples of 224, so DINOv2's
 default 518 is refused and its config uses 448); Swin builds attention masks for one size,
 `img_size` at creation (a multiple of 32, or [H, W] for a non-square input such as MFNet's
-480x640), and accepts only that size.
+480x640), and accepts only that size, unless built with timm's `dynamic_img_size=True`: then
+it computes the shifted-window masks per input and takes any multiple of 32 (train on 512x512
+crops, evaluate on 480x640 frames; window sizes still follow the `img_size` it was built for).
 
 Token split (for SimMIM-style masking and prompt tokens). Hiera and Swin expose
 
@@ -58,7 +60,7 @@ import hashlib
 import logging
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +230,8 @@ class SwinBackbone(TokenBackbone):
             raise ValueError(
                 f"{self.name}: input size {x.shape[-2]}x{x.shape[-1]} differs from the size this "
                 f"Swin was built for, {built_for[0]}x{built_for[1]}; Swin precomputes attention "
-                f"masks per size, so create the backbone with img_size={w if h == w else [h, w]}"
+                f"masks per size, so create the backbone with img_size={w if h == w else [h, w]} "
+                "(or dynamic_img_size=True for inputs of several sizes)"
             )
 
     def embed_patches(self, x: Tensor) -> Tensor:
@@ -247,14 +250,23 @@ class SwinBackbone(TokenBackbone):
 
 
 class ViTBackbone(Backbone):
-    """Plain ViT / DINOv2 / EVA02: four evenly spaced blocks, parameter-free simple pyramid."""
+    """Plain ViT / DINOv2 / EVA02: four blocks' outputs (evenly spaced unless `out_blocks` names
+    them, 0-based), parameter-free simple pyramid."""
 
-    def __init__(self, name: str, model: nn.Module, img_size: ImgSize | None):
+    def __init__(self, name: str, model: nn.Module, img_size: ImgSize | None,
+                 out_blocks: Sequence[int] | None = None):
         patch = model.patch_embed.patch_size[0]
         super().__init__(name, model, img_size, size_multiple=math.lcm(REDUCTIONS[-1], patch))
         self.patch_size = patch
         depth = len(model.blocks)
-        self.block_indices = [(i + 1) * depth // 4 - 1 for i in range(4)]  # 12 blocks: 2, 5, 8, 11
+        if out_blocks is None:
+            self.block_indices = [(i + 1) * depth // 4 - 1 for i in range(4)]  # 12 blocks: 2, 5, 8, 11
+        else:
+            self.block_indices = [int(i) for i in out_blocks]
+            if len(self.block_indices) != len(REDUCTIONS) or self.block_indices != sorted(set(self.block_indices)) \
+                    or not 0 <= self.block_indices[0] <= self.block_indices[-1] < depth:
+                raise ValueError(f"{name}: out_blocks={list(out_blocks)} must be {len(REDUCTIONS)} increasing "
+                                 f"0-based block indices below its depth {depth}")
         model.prune_intermediate_layers(self.block_indices, prune_norm=True, prune_head=True)
         self.channels = [model.embed_dim] * len(REDUCTIONS)
 
@@ -295,6 +307,7 @@ def create_backbone(
     weights: str,
     checkpoint: str | Path | None = None,
     img_size: ImgSize | None = None,
+    out_blocks: Sequence[int] | None = None,
     seed: int = 0,
     **timm_kwargs: Any,
 ) -> Backbone:
@@ -303,7 +316,8 @@ def create_backbone(
     `weights` is required ("pretrained" | "checkpoint" | "random"); `checkpoint` is the file
     for "checkpoint" and must be None otherwise. `img_size` is the size a Swin is built for
     and a ViT's position-embedding grid, a side or [H, W]; for Hiera it is only checked and
-    recorded (None: the timm default). `seed` fixes the random initialisation (without touching the global RNG).
+    recorded (None: the timm default). `out_blocks` (ViT/EVA only) names the four blocks, 0-based,
+    whose outputs form the pyramid (None: evenly spaced). `seed` fixes the random initialisation (without touching the global RNG).
     `timm_kwargs` go to `timm.create_model` (e.g. `embed_dim` for a narrower Hiera, `drop_path_rate`)
     and are recorded as `model_args`.
     """
@@ -328,6 +342,8 @@ def create_backbone(
             f"backbone {name!r} is {known}; supported: SAM 2 Hiera, ViT/DINOv2, EVA02, Swin"
         )
     cls, filter_fn, family_kwargs = family
+    if out_blocks is not None and cls is not ViTBackbone:
+        raise ValueError(f"out_blocks={list(out_blocks)} is for ViT/EVA backbones; {name} has fixed stage outputs")
     if img_size is not None:  # the part of the check that needs no model: fail before the build
         img_size = img_size if isinstance(img_size, int) else tuple(img_size)  # YAML gives lists
         _check_img_size(name, img_size, REDUCTIONS[-1])
@@ -340,7 +356,7 @@ def create_backbone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _create_timm_model(name, pretrained=weights == "pretrained", **kwargs)
-    backbone = cls(name, model, img_size)
+    backbone = cls(name, model, img_size, **({"out_blocks": out_blocks} if out_blocks is not None else {}))
 
     if weights == "pretrained":
         cfg = model.pretrained_cfg

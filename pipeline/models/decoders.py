@@ -100,13 +100,16 @@ class ProgressiveSODHead(nn.Module):
     - no ConvNeXt refinement blocks (CPNet's FA_Block) after each merge;
     - the logit is predicted at stride 4 and upsampled bilinearly (CPNet upsamples the features
       twice more, to stride 1, inside its prediction head);
-    - CPNet's deep supervision (extra 1-channel predictions from the three coarser decoder
-      stages, each trained with the loss) is left out: only the final map is returned;
+    - CPNet's deep supervision is optional (`deep_supervision=True`): a 3x3 conv predicts a side
+      logit from each of the coarser decoder stages (strides 32, 16, 8 for the usual pyramid),
+      and in training the head returns (final, *sides), all at `out_size`, each trained with the
+      task loss at equal weight; in eval it returns the final map only;
     - CPNet's cross-modal fusion (coordinate / spatial attention) is not part of the decoder;
       fusion happens upstream, so this head sees one fused map per scale.
     """
 
-    def __init__(self, in_channels: Sequence[int], embed_dim: int = 64, dropout: float = 0.1, norm: str = "batch"):
+    def __init__(self, in_channels: Sequence[int], embed_dim: int = 64, dropout: float = 0.1, norm: str = "batch",
+                 deep_supervision: bool = False):
         super().__init__()
         if len(in_channels) < 2:
             raise ValueError(f"progressive decoding needs at least two scales, got {len(in_channels)}")
@@ -116,20 +119,36 @@ class ProgressiveSODHead(nn.Module):
         self.merge = nn.ModuleList(_conv_bn_relu(2 * embed_dim, embed_dim, 3, norm) for _ in in_channels[:-1])
         self.dropout = nn.Dropout2d(dropout)
         self.predict = nn.Conv2d(embed_dim, 1, kernel_size=3, padding=1)
+        # side[j] predicts from the j-th decoder stage, coarsest first (empty: no deep supervision)
+        self.side = nn.ModuleList(
+            nn.Conv2d(embed_dim, 1, kernel_size=3, padding=1) for _ in in_channels[:-1] if deep_supervision
+        )
 
-    def forward(self, features: Sequence[Tensor], out_size: tuple[int, int] | None = None) -> Tensor:
-        """Multi-scale maps, finest first -> saliency logits (B, 1, *grid of features[0] or out_size)."""
+    def forward(
+        self, features: Sequence[Tensor], out_size: tuple[int, int] | None = None
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Multi-scale maps, finest first -> saliency logits (B, 1, *grid of features[0] or out_size);
+        with deep supervision in training, (final, *side logits coarsest first), all that size."""
         if len(features) != len(self.project):
             raise ValueError(f"expected {len(self.project)} feature maps, got {len(features)}")
         x = self.top(self.project[-1](features[-1]))
+        stages = []
         for i in range(len(features) - 2, -1, -1):
+            stages.append(x)
             level = self.project[i](features[i])
             x = F.interpolate(x, size=level.shape[-2:], mode="bilinear", align_corners=False)
             x = self.merge[i](torch.cat((x, level), dim=1))
-        logits = self.predict(self.dropout(x))
-        if out_size is not None:
-            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        size = out_size or tuple(features[0].shape[-2:])
+        logits = _resize(self.predict(self.dropout(x)), size)
+        if not (self.training and len(self.side)):
+            return logits
+        return (logits, *(_resize(side(stage), size) for side, stage in zip(self.side, stages, strict=True)))
+
+
+def _resize(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
         return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 DECODERS = ("segmentation", "sod")

@@ -24,8 +24,9 @@ Branch = Callable[[Tensor], Tensor]
 def hiera_block_forward(block: MultiScaleBlock, x: Tensor, *, attend: Branch | None = None,
                         after_attn: Branch | None = None, after_mlp: Branch | None = None) -> Tensor:
     """`block(x)` for tokens (B, H, W, C), with the given seams replaced."""
-    shortcut = block_shortcut(block, x)
-    x = block.norm1(x)
+    normed = block.norm1(x)
+    shortcut = x if block.dim == block.dim_out else _projected_shortcut(block, normed)
+    x = normed
 
     window_size = block.window_size
     H, W = x.shape[1:3]
@@ -52,9 +53,12 @@ def hiera_block_forward(block: MultiScaleBlock, x: Tensor, *, attend: Branch | N
 def block_shortcut(block: MultiScaleBlock, x: Tensor) -> Tensor:
     """The block's residual path for its input (B, H, W, C): `x` within a stage; at a stage
     change, timm's projection of the normalised input to the new width, pooled to the new grid."""
-    if block.dim == block.dim_out:
-        return x
-    shortcut = block.proj(block.norm1(x))
+    return x if block.dim == block.dim_out else _projected_shortcut(block, block.norm1(x))
+
+
+def _projected_shortcut(block: MultiScaleBlock, normed: Tensor) -> Tensor:
+    """timm's stage-change shortcut from the block's normalised input (norm1 runs once per block)."""
+    shortcut = block.proj(normed)
     if block.pool is not None:
         shortcut = block.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     return shortcut

@@ -1,4 +1,4 @@
-"""The Lightning module of Stage-2 fine-tuning: one task model, its loss, AdamW on what trains."""
+"""The Lightning module of Stage-2 fine-tuning: one task model, its loss, the configured optimiser on what trains."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ class TaskTraining(ConfiguredOptimization, TrainableOnlyCheckpoint, L.LightningM
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self.model({stream: batch[stream] for stream in self.model.streams})
-        loss = self.loss(logits, batch["target"])
+        # a deeply supervised decoder returns (final, *side outputs): each is trained with the loss
+        outputs = logits if isinstance(logits, tuple) else (logits,)
+        loss = sum(self.loss(output, batch["target"]) for output in outputs)
         self.log("loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
         return loss
 
