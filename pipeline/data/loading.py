@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pipeline.data.image_io import decode_npy, decode_png
-from pipeline.data.types import LABEL, Sample
+from pipeline.data.types import BOX_CROWD, BOX_FIELDS, BOX_LABELS, BOXES, LABEL, Sample
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,11 @@ class _Map:
 
 def to_tensors(sample: Sample) -> Sample:
     """Arrays to CxHxW float32 tensors in raw units (uint16 values are exact in float32), the
-    label to an int64 HxW `Mask`, so geometric transforms treat each kind correctly."""
+    label to an int64 HxW `Mask`, boxes to xyxy `BoundingBoxes` on the images' canvas (their
+    labels and crowd flags to plain tensors), so geometric transforms treat each kind correctly."""
     out: Sample = {}
     for name, value in sample.items():
-        if not isinstance(value, np.ndarray):
+        if not isinstance(value, np.ndarray) or name in BOX_FIELDS:
             out[name] = value
         elif name == LABEL:
             out[name] = tv_tensors.Mask(torch.from_numpy(value.astype(np.int64)))
@@ -134,12 +135,31 @@ def to_tensors(sample: Sample) -> Sample:
             array = value[..., None] if value.ndim == 2 else value
             chw = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)).astype(np.float32))
             out[name] = tv_tensors.Image(chw)
+    if BOXES in sample:
+        canvas = next(v.shape[:2] for k, v in sample.items() if isinstance(v, np.ndarray) and k not in BOX_FIELDS)
+        out[BOXES] = tv_tensors.BoundingBoxes(torch.from_numpy(sample[BOXES]).reshape(-1, 4), format="XYXY",
+                                              canvas_size=tuple(canvas))
+        out[BOX_LABELS] = torch.from_numpy(sample[BOX_LABELS].astype(np.int64))
+        out[BOX_CROWD] = torch.from_numpy(sample[BOX_CROWD].astype(bool))
     return out
+
+
+_SANITIZE = v2.SanitizeBoundingBoxes(labels_getter=lambda boxes: (boxes[BOX_LABELS], boxes[BOX_CROWD]))
+
+
+def sanitize_boxes(sample: Sample) -> Sample:
+    """After a crop or resize: drop boxes left under 1 pixel wide or high (cut away or shrunk
+    to nothing) with their labels and crowd flags; the crop already clipped the rest."""
+    if BOXES not in sample:
+        return sample
+    kept = _SANITIZE({name: sample[name] for name in BOX_FIELDS})
+    return {**sample, **kept}
 
 
 class PairedAugment:
     """Random resized crop + horizontal flip with one draw of parameters per sample, applied
-    identically to every modality (bilinear) and the label (nearest)."""
+    identically to every modality (bilinear), the label (nearest) and the boxes (moved, clipped,
+    and dropped when cut away: `sanitize_boxes`)."""
 
     def __init__(
         self,
@@ -156,7 +176,7 @@ class PairedAugment:
         )
 
     def __call__(self, sample: Sample) -> Sample:
-        return self.transform(sample)
+        return sanitize_boxes(self.transform(sample))
 
 
 class Resize:
@@ -166,7 +186,7 @@ class Resize:
         self.transform = v2.Resize(tuple(size), antialias=True)
 
     def __call__(self, sample: Sample) -> Sample:
-        return self.transform(sample)
+        return sanitize_boxes(self.transform(sample))
 
 
 class _EpochShare:
@@ -266,11 +286,11 @@ def _warn_if_too_few_shards(urls: Sequence[str]) -> None:
 
 
 def collate(samples: Sequence[Sample]) -> dict[str, Any]:
-    """Stack tensors of equal shape; keep keys and meta as lists."""
+    """Stack tensors of equal shape; keep keys, meta and boxes (a count per sample) as lists."""
     batch: dict[str, Any] = {}
     for name in samples[0]:
         values = [s[name] for s in samples]
-        if isinstance(values[0], torch.Tensor):
+        if isinstance(values[0], torch.Tensor) and name not in BOX_FIELDS:
             batch[name] = torch.stack([torch.as_tensor(v) for v in values])
         else:
             batch[name] = values

@@ -1,7 +1,8 @@
 """Write a dataset as reproducible WebDataset shards plus a `manifest.json`.
 
 One tar member per modality (`rgb.png`, `thermal.png` kept 16-bit, `event.npy`, `label.png`,
-`json` for meta and source checksums). Tars are byte-reproducible (mtime 0, fixed owner,
+`boxes.npy` / `box_labels.npy` / `box_crowd.npy` for detection, `json` for meta and source
+checksums). Tars are byte-reproducible (mtime 0, fixed owner,
 sorted keys, deterministic PNG encoding) so unchanged inputs keep their DVC hashes. Bad
 inputs are skipped and listed with a reason; a dataset with no valid sample is an error that
 names its folder. Everything is written to a temporary folder and renamed at the end, so an
@@ -30,7 +31,7 @@ from pipeline.artifacts import atomic_dir, read_json, write_json
 from pipeline.data.image_io import can_encode_png, encode_npy, encode_png
 from pipeline.data.readers.base import DatasetReader
 from pipeline.data.stats import ImageStats, ModalityStats, image_stats
-from pipeline.data.types import LABEL, Record, Sample, SampleError
+from pipeline.data.types import BOX_CROWD, BOX_FIELDS, BOX_LABELS, LABEL, Record, Sample, SampleError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -50,6 +51,7 @@ class PreparedSample:
     sources: dict[str, dict[str, str]]
     stats: dict[str, ImageStats]
     label_pixels: dict[int, int]
+    boxes: Counter[str]  # per class id, and "crowd" for ignore regions (empty without boxes)
 
 
 def encode_members(sample: Sample, sources: dict[str, dict[str, str]]) -> dict[str, bytes]:
@@ -57,7 +59,7 @@ def encode_members(sample: Sample, sources: dict[str, dict[str, str]]) -> dict[s
     members: dict[str, bytes] = {}
     for name, value in sample.items():
         if isinstance(value, np.ndarray):
-            if can_encode_png(value):
+            if name not in BOX_FIELDS and can_encode_png(value):
                 members[f"{name}.png"] = encode_png(value)
             else:
                 members[f"{name}.npy"] = encode_npy(value)
@@ -82,7 +84,7 @@ def prepare(reader: DatasetReader, record: Record) -> PreparedSample | SampleErr
     }
     try:
         sample = reader.load(record)
-        arrays = {k: v for k, v in sample.items() if isinstance(v, np.ndarray)}
+        arrays = {k: v for k, v in sample.items() if isinstance(v, np.ndarray) and k not in BOX_FIELDS}
         if any(a.size == 0 for a in arrays.values()):
             raise SampleError("empty_image", f"{record.key}: an image has zero pixels")
         label_pixels: dict[int, int] = {}
@@ -90,11 +92,29 @@ def prepare(reader: DatasetReader, record: Record) -> PreparedSample | SampleErr
             counts = np.bincount(arrays[LABEL].ravel())
             label_pixels = {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
         stats = {name: image_stats(array) for name, array in arrays.items() if name != LABEL}
-        return PreparedSample(record.key, encode_members(sample, sources), sources, stats, label_pixels)
+        return PreparedSample(record.key, encode_members(sample, sources), sources, stats, label_pixels,
+                              _box_counts(sample))
     except SampleError as err:
         if err.path is None:
             err.path = str(next(iter(record.files.values()), ""))
         return err
+
+
+def _box_counts(sample: Sample) -> Counter[str]:
+    """Boxes per class id (targets only) and the number of crowd (ignore) boxes of a sample."""
+    if BOX_LABELS not in sample:
+        return Counter()
+    crowd = sample[BOX_CROWD].astype(bool)
+    counts = Counter(str(int(c)) for c in sample[BOX_LABELS][~crowd])
+    counts["crowd"] = int(crowd.sum())
+    return counts
+
+
+def _per_class(counts: Counter[str], class_names: Sequence[str] | None) -> dict[str, int]:
+    """Box counts for every class id (zeros included) and the crowd count."""
+    ids = [str(i) for i in range(len(class_names or ()))]
+    extra = sorted(set(counts) - set(ids) - {"crowd"}, key=int)
+    return {i: counts.get(i, 0) for i in ids + extra} | {"crowd": counts.get("crowd", 0)}
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -187,6 +207,8 @@ def _write_shards(
         sink = _ShardSink(folder, split, samples_per_shard(len(records), max_per_shard, min_shards))
         digest = hashlib.sha256()
         class_pixels: Counter[int] = Counter()
+        box_counts: Counter[str] = Counter()
+        boxed = False
         written = 0
         bar = tqdm(total=len(records), desc=f"shard {name}/{split}", unit="img", disable=not progress)
         for result in _prepared_stream(reader, records, workers):
@@ -197,6 +219,8 @@ def _write_shards(
             for source, info in sorted(result.sources.items()):
                 digest.update(f"{info['path']}\t{info['sha256']}\n".encode())
             class_pixels.update(result.label_pixels)
+            box_counts.update(result.boxes)
+            boxed = boxed or "crowd" in result.boxes
             for modality, image in result.stats.items():
                 stats[modality].add(image)
             sink.write(result.key, result.members)
@@ -209,6 +233,7 @@ def _write_shards(
             "shards": sink.names,
             "sources_sha256": digest.hexdigest(),
             "label_pixels": {str(k): v for k, v in sorted(class_pixels.items())} or None,
+            "boxes": _per_class(box_counts, reader.class_names) if boxed else None,
         }
     if not any(s["samples"] for s in splits.values()):
         reasons = Counter(s["reason"] for s in skipped)

@@ -14,11 +14,17 @@ from typing import Any
 import numpy as np
 
 # A loaded sample: {"key": str, "<modality>": ndarray HxW or HxWxC, "label": ndarray HxW,
-# "meta": dict}. "rgb" is uint8 HxWx3; other modalities keep their native dtype.
+# "meta": dict}. "rgb" is uint8 HxWx3; other modalities keep their native dtype. Detection
+# samples add "boxes" (float32 Nx4, xyxy in pixels), "box_labels" (int64 N, class ids) and
+# "box_crowd" (uint8 N: 1 marks a region that evaluation ignores, never a training target).
 Sample = dict[str, Any]
 
 LABEL = "label"
 RGB = "rgb"
+BOXES = "boxes"
+BOX_LABELS = "box_labels"
+BOX_CROWD = "box_crowd"
+BOX_FIELDS = (BOXES, BOX_LABELS, BOX_CROWD)
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ def check_same_size(sample: Sample, record: Record) -> None:
     sizes = {
         name: value.shape[:2]
         for name, value in sample.items()
-        if isinstance(value, np.ndarray)
+        if isinstance(value, np.ndarray) and name not in BOX_FIELDS
     }
     if len(set(sizes.values())) > 1:
         desc = ", ".join(f"{name} {h}x{w}" for name, (h, w) in sizes.items())

@@ -9,6 +9,8 @@ from pipeline.data.readers import (  # noqa: F401  (each import registers its re
     pst900,
     rgbt_sod,
     sun_rgbd,
+    voc,
+    yolo,
 )
 from pipeline.data.readers.base import READERS, DatasetReader, build_reader, register_reader
 
