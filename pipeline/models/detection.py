@@ -1,0 +1,130 @@
+"""Object detection over the fused four-scale features: torchvision's FCOS on an FPN.
+
+Everything that makes a detector a detector comes from torchvision: the FPN
+(`torchvision.ops.FeaturePyramidNetwork` with FCOS's P6/P7 blocks), the anchor points
+(`AnchorGenerator`, one point per location, sized by the level's stride as FCOS uses them),
+the head (`FCOSHead`: classification, box regression and centre-ness towers), the loss
+(`FCOS.compute_loss`: centre sampling, scale ranges, sigmoid focal loss, GIoU, centre-ness BCE)
+and the post-processing (`FCOS.postprocess_detections`: score threshold, top-k, class-wise NMS
+via `torchvision.ops.batched_nms`). Nothing here codes, matches or suppresses boxes by hand.
+
+The fused maps arrive at strides 4, 8, 16, 32 (finest first). `strides` picks the ones the FPN
+reads (FCOS's own P3-P5: 8, 16, 32 by default; add 4 for very small objects), and `extra_levels`
+adds FCOS's P6/P7 (strides 64, 128) from the coarsest FPN output. Anchor sizes equal the
+strides, so FCOS's scale ranges (4x to 8x the stride per level) are the paper's.
+
+torchvision's `FCOS` wraps a backbone and an input transform (resize, normalise); here the FPN is
+its backbone and its transform is never called: the task data path has already encoded,
+normalised and sized the images, and evaluation runs at the size the task gives (boxes are
+mapped back to the native size by the caller when that differs).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+FUSED_STRIDES = (4, 8, 16, 32)
+
+
+class FusedPyramid(nn.Module):
+    """The FPN over the chosen fused maps (the `backbone` of torchvision's FCOS)."""
+
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], out_channels: int, extra_levels: bool):
+        super().__init__()
+        unknown = [s for s in strides if s not in FUSED_STRIDES]
+        if unknown or list(strides) != sorted(set(strides)):
+            raise ValueError(f"detection strides {list(strides)} must be increasing values of {list(FUSED_STRIDES)}")
+        self.indices = [FUSED_STRIDES.index(s) for s in strides]
+        self.out_channels = out_channels
+        self.fpn = FeaturePyramidNetwork(
+            [in_channels[i] for i in self.indices], out_channels,
+            extra_blocks=LastLevelP6P7(out_channels, out_channels) if extra_levels else None,
+        )
+
+    def forward(self, features: Sequence[Tensor]) -> OrderedDict[str, Tensor]:
+        return self.fpn(OrderedDict((str(i), features[i]) for i in self.indices))
+
+
+@dataclass
+class DetectionOutputs:
+    """What the head computed for a batch: enough for the FCOS loss (training) or for boxes
+    (evaluation); `detector` is the head that made them."""
+
+    detector: FCOS
+    head_outputs: dict[str, Tensor]
+    anchors: list[Tensor]
+    num_anchors_per_level: list[int]
+    image_sizes: list[tuple[int, int]]
+
+    def losses(self, targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """FCOS's losses for per-image targets {"boxes": (N, 4) xyxy pixels, "labels": (N,)}."""
+        targets = [{"boxes": t["boxes"].float(), "labels": t["labels"].long()} for t in targets]
+        return self.detector.compute_loss(targets, self.head_outputs, self.anchors, self.num_anchors_per_level)
+
+    def detections(self) -> list[dict[str, Tensor]]:
+        """Per image {"boxes", "scores", "labels"} after FCOS's threshold, top-k and NMS."""
+        split_outputs = {k: list(v.split(self.num_anchors_per_level, dim=1)) for k, v in self.head_outputs.items()}
+        split_anchors = [list(a.split(self.num_anchors_per_level)) for a in self.anchors]
+        return self.detector.postprocess_detections(split_outputs, split_anchors, self.image_sizes)
+
+
+class FCOSDetectionHead(nn.Module):
+    """FCOS (Tian et al., ICCV 2019) as torchvision builds it, over an FPN on the fused maps."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, *, strides: Sequence[int] = (8, 16, 32),
+                 extra_levels: bool = True, fpn_channels: int = 256, num_convs: int = 4,
+                 center_sampling_radius: float = 1.5, score_thresh: float = 0.05, nms_thresh: float = 0.6,
+                 detections_per_img: int = 100, topk_candidates: int = 1000):
+        super().__init__()
+        if len(in_channels) != len(FUSED_STRIDES):
+            raise ValueError(f"detection reads {len(FUSED_STRIDES)} fused maps, got {len(in_channels)} channel counts")
+        if num_classes < 1:
+            raise ValueError(f"detection needs at least one class, got num_classes={num_classes}")
+        if fpn_channels % 32:
+            raise ValueError(f"decoder.fpn_channels={fpn_channels}: FCOS's head normalises with GroupNorm(32), "
+                             "so it must be a multiple of 32")
+        pyramid = FusedPyramid(in_channels, strides, fpn_channels, extra_levels)
+        level_strides = [*strides, *((strides[-1] * 2, strides[-1] * 4) if extra_levels else ())]
+        anchors = AnchorGenerator(sizes=tuple((s,) for s in level_strides),
+                                  aspect_ratios=((1.0,),) * len(level_strides))
+        head = FCOSHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes, num_convs=num_convs)
+        self.detector = FCOS(pyramid, num_classes, anchor_generator=anchors, head=head,
+                             center_sampling_radius=center_sampling_radius, score_thresh=score_thresh,
+                             nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+                             topk_candidates=topk_candidates)
+        self.num_classes = num_classes
+
+    def forward(self, features: Sequence[Tensor], out_size: tuple[int, int] | None = None) -> DetectionOutputs:
+        """Fused maps (finest first, stride 4 first) of images of `out_size` (default: 4x the
+        finest map) -> `DetectionOutputs` (boxes are in that image's pixels)."""
+        size = tuple(out_size) if out_size is not None else tuple(4 * d for d in features[0].shape[-2:])
+        levels = list(self.detector.backbone(features).values())
+        head_outputs = self.detector.head(levels)
+        batch = features[0].shape[0]
+        # AnchorGenerator reads only the batch's size, dtype and device from the image tensor
+        images = ImageList(features[0].new_empty((batch, 0, *size)), [size] * batch)
+        anchors = self.detector.anchor_generator(images, levels)
+        return DetectionOutputs(self.detector, head_outputs, anchors, [x.shape[2] * x.shape[3] for x in levels],
+                                [size] * batch)
+
+    def protocol(self) -> dict[str, float | int]:
+        """The post-processing settings every reported number depends on (for metrics.json)."""
+        d = self.detector
+        return {"score_thresh": d.score_thresh, "nms_thresh": d.nms_thresh,
+                "detections_per_img": d.detections_per_img, "topk_candidates": d.topk_candidates}
+
+
+def detection_loss(outputs: DetectionOutputs, targets: Sequence[Mapping[str, Tensor]]) -> Tensor:
+    """The sum of FCOS's classification (focal), box regression (GIoU) and centre-ness losses."""
+    return torch.stack(list(outputs.losses(targets).values())).sum()

@@ -1,0 +1,168 @@
+"""Detection: torchvision's FCOS over the fused maps, and COCO mAP (torchmetrics) overall, with
+crowd regions, and over 2 gloo ranks."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.models.detection import FCOS
+
+from pipeline.metrics.detection import DetectionMetrics
+from pipeline.models.detection import FCOSDetectionHead, detection_loss
+
+CHANNELS = [16, 32, 64, 128]
+
+
+def fused(batch: int = 2, size: tuple[int, int] = (64, 96), seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, size[0] // s, size[1] // s, generator=g) for c, s in zip(CHANNELS, (4, 8, 16, 32))]
+
+
+def targets() -> list[dict[str, torch.Tensor]]:
+    return [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 40.0], [50.0, 8.0, 90.0, 30.0]]), "labels": torch.tensor([1, 2])},
+            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]  # an image without objects
+
+
+def test_the_head_is_torchvisions_fcos_on_an_fpn_and_trains_every_parameter():
+    torch.manual_seed(0)
+    head = FCOSDetectionHead(CHANNELS, num_classes=3, fpn_channels=32, num_convs=2)
+    assert isinstance(head.detector, FCOS)
+    outputs = head(fused(size=(128, 192)), (128, 192))
+    # strides 8, 16, 32 and FCOS's P6, P7: 16x24 + 8x12 + 4x6 + 2x3 + 1x2 points
+    assert outputs.num_anchors_per_level == [384, 96, 24, 6, 2]
+    assert outputs.head_outputs["cls_logits"].shape == (2, 512, 3)
+    # anchor points sit on each level's grid, sized by its stride (FCOS's scale ranges)
+    anchors = outputs.anchors[0]
+    torch.testing.assert_close(anchors[1], torch.tensor([4.0, -4.0, 12.0, 4.0]))
+    torch.testing.assert_close(anchors[384 + 1], torch.tensor([8.0, -8.0, 24.0, 8.0]))
+    losses = outputs.losses(targets())
+    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+    loss = detection_loss(outputs, targets())
+    torch.testing.assert_close(loss, sum(losses.values()))
+    loss.backward()  # (on a 1x1 P7 map, GroupNorm over 2 values would cut the gradient: 128x192 here)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_the_loss_is_fcos_compute_loss_of_the_same_outputs():
+    """The loss is torchvision's own: the same call on the same head outputs and anchors."""
+    torch.manual_seed(0)
+    head = FCOSDetectionHead(CHANNELS, num_classes=3, fpn_channels=32, num_convs=1)
+    outputs = head(fused(), (64, 96))
+    expected = head.detector.compute_loss(targets(), outputs.head_outputs, outputs.anchors,
+                                          outputs.num_anchors_per_level)
+    assert {k: v.item() for k, v in outputs.losses(targets()).items()} == {k: v.item() for k, v in expected.items()}
+
+
+def test_detections_follow_fcos_postprocessing_and_strides_are_checked():
+    torch.manual_seed(0)
+    head = FCOSDetectionHead(CHANNELS, num_classes=3, strides=(4, 8, 16, 32), extra_levels=False, fpn_channels=32,
+                             num_convs=1, score_thresh=0.0, detections_per_img=7).eval()
+    with torch.no_grad():
+        outputs = head(fused(), (64, 96))
+        detections = outputs.detections()
+    assert outputs.num_anchors_per_level == [384, 96, 24, 6]
+    assert [len(d["boxes"]) for d in detections] == [7, 7]
+    for d in detections:
+        assert d["scores"].tolist() == sorted(d["scores"].tolist(), reverse=True)
+        assert (d["boxes"][:, 0::2] >= 0).all() and (d["boxes"][:, 0::2] <= 96).all()  # clipped to the image
+    assert head.protocol() == {"score_thresh": 0.0, "nms_thresh": 0.6, "detections_per_img": 7,
+                               "topk_candidates": 1000}
+    with pytest.raises(ValueError, match="increasing values of"):
+        FCOSDetectionHead(CHANNELS, 3, strides=(16, 8))
+    with pytest.raises(ValueError, match="fpn_channels=48: .*multiple of 32"):
+        FCOSDetectionHead(CHANNELS, 3, fpn_channels=48)
+
+
+def fixed_predictions() -> tuple[list[dict], list[dict]]:
+    g = torch.Generator().manual_seed(1)
+    preds, gts = [], []
+    for i in range(6):
+        boxes = torch.rand(4, 2, generator=g) * 60
+        boxes = torch.cat([boxes, boxes + 10 + torch.rand(4, 2, generator=g) * 30], dim=1)
+        labels = torch.randint(0, 3, (4,), generator=g)
+        gts.append({"boxes": boxes, "labels": labels})
+        noisy = boxes + torch.randn(4, 4, generator=g) * 3
+        preds.append({"boxes": torch.cat([noisy, torch.rand(2, 4, generator=g).sort(1).values * 80]),
+                      "scores": torch.rand(6, generator=g), "labels": torch.cat([labels, torch.tensor([0, 1])])})
+    return preds, gts
+
+
+def test_map_equals_torchmetrics_and_is_one_on_the_ground_truth():
+    preds, gts = fixed_predictions()
+    metrics = DetectionMetrics(["person", "bicycle", "car"])
+    metrics.update(preds[:3], gts[:3])
+    metrics.update(preds[3:], gts[3:])
+    ours = metrics.compute()
+    reference = MeanAveragePrecision(box_format="xyxy", class_metrics=True)
+    reference.update(preds, gts)
+    expected = reference.compute()
+    for key in ("map", "map_50", "map_75", "mar_100"):
+        assert ours[key] == pytest.approx(float(expected[key]), abs=1e-12), key
+    assert list(ours["per_class_ap"].values()) == pytest.approx(expected["map_per_class"].tolist())
+    assert 0 < ours["map"] < 1 and ours["images"] == 6 and ours["boxes"] == 24 and ours["detections"] == 36
+
+    perfect = DetectionMetrics(["person", "bicycle", "car"])
+    perfect.update([{**t, "scores": torch.ones(len(t["labels"]))} for t in gts], gts)
+    result = perfect.compute()
+    assert (result["map"], result["map_50"], result["map_75"]) == (1.0, 1.0, 1.0)
+    assert set(result["per_class_ap"].values()) == {1.0}
+
+
+def test_crowd_regions_neither_match_nor_penalise_and_absent_classes_are_none():
+    gt = {"boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0], [40.0, 40.0, 80.0, 80.0]]), "labels": torch.tensor([0, 0]),
+          "crowd": torch.tensor([False, True])}
+    on_crowd = {"boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0], [42.0, 42.0, 78.0, 78.0]]),
+                "scores": torch.tensor([0.5, 0.9]), "labels": torch.tensor([0, 0])}
+    metrics = DetectionMetrics(["person", "car"])
+    metrics.update([on_crowd], [gt])
+    result = metrics.compute()
+    assert result["map_50"] == 1.0  # the higher-scored detection on the crowd region is no false positive
+    assert result["per_class_ap"] == {"person": 1.0, "car": None}  # no car anywhere: undefined
+    assert (result["boxes"], result["crowd_boxes"]) == (1, 1)
+    plain = DetectionMetrics(["person", "car"])
+    plain.update([on_crowd], [{**gt, "crowd": torch.tensor([False, False])}])
+    assert plain.compute()["map_50"] == pytest.approx(1.0)  # both matched when the region is a real box
+    missed = DetectionMetrics(["person", "car"])
+    missed.update([on_crowd], [{"boxes": gt["boxes"][:1], "labels": gt["labels"][:1]}])
+    assert missed.compute()["map_50"] < 1.0  # without the region, that detection is a false positive
+
+
+def _metrics_as_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    try:
+        preds, gts = fixed_predictions()
+        metrics = DetectionMetrics(["person", "bicycle", "car"])
+        mine = [i for i in range(len(preds)) if i % world == rank]
+        metrics.update([preds[i] for i in mine], [gts[i] for i in mine])
+        group = DetectionMetrics(["person", "bicycle", "car"])  # a group whose images are all on rank 0
+        if rank == 0:
+            group.update(preds[:2], gts[:2])
+        Path(f"{out}.{rank}").write_text(json.dumps([metrics.compute(), group.compute()]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_map_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=_metrics_as_rank, args=(rank, 2, str(tmp_path / "init"), str(tmp_path / "m")))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 0]
+    preds, gts = fixed_predictions()
+    single, group = DetectionMetrics(["person", "bicycle", "car"]), DetectionMetrics(["person", "bicycle", "car"])
+    single.update(preds, gts)
+    group.update(preds[:2], gts[:2])
+    expected = [single.compute(), group.compute()]
+    for rank in range(2):
+        assert json.loads((tmp_path / f"m.{rank}").read_text()) == expected
