@@ -47,6 +47,7 @@ RANDOM_INIT_WARNING = "random-initialised encoder: numbers show the pipeline wor
 HEAD_METRICS = {
     "segmentation": ("miou", "mIoU", "pixel_accuracy", "pixel acc"),
     "sod": ("s_measure", "S-measure", "mae", "MAE"),
+    "detection": ("map_50", "mAP@50", "map", "mAP"),
 }
 FP32_BYTES = 4
 NO_PSST = "–"  # the PSST column of a task without modality LoRAs

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
+from torchvision.utils import draw_bounding_boxes
 
 from pipeline.training.psst_data import Normalization
 
@@ -30,6 +31,24 @@ def saliency_to_rgb(saliency: np.ndarray) -> np.ndarray:
     """Saliency or a binary mask in [0, 1] (H, W) -> grey RGB uint8."""
     grey = (np.clip(saliency, 0.0, 1.0) * 255).round().astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def draw_boxes(image: np.ndarray, boxes: Tensor, labels: Tensor, class_names: Sequence[str],
+               palette: Sequence[Sequence[int]], scores: Tensor | None = None,
+               crowd: Tensor | None = None) -> np.ndarray:
+    """Boxes (N, 4) xyxy pixels drawn on an RGB uint8 image (H, W, 3) in their class colours and
+    named (with the score when given); crowd (ignore) regions in grey. torchvision draws them."""
+    names = [class_names[int(c)] if 0 <= int(c) < len(class_names) else str(int(c)) for c in labels]
+    if scores is not None:
+        names = [f"{n} {float(s):.2f}" for n, s in zip(names, scores, strict=True)]
+    colours = [tuple(int(v) for v in palette[int(c) % len(palette)]) for c in labels]
+    if crowd is not None:
+        colours = [(128, 128, 128) if bool(c) else colour for colour, c in zip(colours, crowd, strict=True)]
+    canvas = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if len(boxes) == 0:
+        return np.ascontiguousarray(image)
+    drawn = draw_bounding_boxes(canvas, boxes.float().cpu(), labels=names, colors=colours, width=2)
+    return drawn.permute(1, 2, 0).numpy()
 
 
 def input_to_rgb(image: Tensor, normalization: Normalization) -> np.ndarray:

@@ -33,7 +33,7 @@ def test_heads_predict_at_stride_4_or_the_requested_size():
     )
     with pytest.raises(ValueError, match="one saliency channel"):
         build_decoder("sod", CHANNELS, 2)
-    with pytest.raises(ValueError, match="segmentation, sod"):
+    with pytest.raises(ValueError, match="segmentation, sod, detection"):
         build_decoder("depth", CHANNELS, 1)
 
 
@@ -72,8 +72,8 @@ def test_segmentation_loss_is_cross_entropy_with_ignore_index():
     target = target.clamp_max(3)  # 0 is now the ignored class
     expected = F.cross_entropy(logits, target, ignore_index=0)
     torch.testing.assert_close(build_loss("segmentation", ignore_index=0)(logits, target), expected)
-    with pytest.raises(ValueError, match="segmentation, sod"):
-        build_loss("detection")
+    with pytest.raises(ValueError, match="segmentation, sod, detection"):
+        build_loss("depth")
 
 
 def test_all_ignored_batch_gives_zero_and_a_finite_gradient():

@@ -26,7 +26,9 @@ are, drawn from random streams of their own seed that no task split or pool shar
 `foundation` stage pretrains the demo's encoder on it, so that Stage 1 has an RGB prior and a
 modality gap to bridge, as SAM 2 does on real thermal or depth images.
 `render_scene` returns one scene's arrays for tests. Labels are train ids 0..6 and cover every
-pixel, so the ignore index 255 is never used.
+pixel, so the ignore index 255 is never used. Every person, car and animal also gets a detection
+box: the extents of its visible pixels in the renderer's instance map (classes person, car,
+animal; specks of under 6 pixels at 128 px width get none).
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ from pipeline.data.image_io import encode_png
 
 CLASS_NAMES = ("sky", "road", "building", "vegetation", "person", "car", "animal")
 SKY, ROAD, BUILDING, VEGETATION, PERSON, CAR, ANIMAL = range(len(CLASS_NAMES))
+# Detection classes: the objects (one box per visible instance), ids into BOX_CLASS_NAMES.
+BOX_CLASSES = (PERSON, CAR, ANIMAL)
+BOX_CLASS_NAMES = tuple(CLASS_NAMES[c] for c in BOX_CLASSES)
+MIN_BOX_PIXELS = 6  # visible pixels an object needs for a box, at REFERENCE_WIDTH
+BOXES_DIR = "boxes"  # paired/<split>/boxes/<name>.txt: YOLO text, one line per box
 # Cityscapes colours where Cityscapes has the class; animal gets an unused orange.
 PALETTE = (
     (70, 130, 180), (128, 64, 128), (70, 70, 70), (107, 142, 35),
@@ -546,9 +553,10 @@ class Surfaces:
     emission: np.ndarray  # (3, H, W) light sent to the camera whatever the lighting
     temperature: np.ndarray  # kelvin, before sun heating
     camouflaged: np.ndarray  # bool: object parts coloured like their background
+    instance: np.ndarray  # int32: 1 + index of the object seen there (person, car, animal); 0 elsewhere
 
     def paint(self, hit: np.ndarray, depth: np.ndarray, label, albedo, normal, emission,
-              temperature, camouflaged=False, region: Region = FULL) -> None:
+              temperature, camouflaged=False, region: Region = FULL, instance: int = 0) -> None:
         """Z-buffer: within `region`, take over the pixels in `hit` where this surface is
         nearer. Arguments are arrays of the region's shape (channel-first for colours and
         normals) or broadcast to it."""
@@ -560,6 +568,7 @@ class Surfaces:
         np.copyto(self.emission[:, *region], emission, where=win)
         np.copyto(self.temperature[region], temperature, where=win)
         np.copyto(self.camouflaged[region], camouflaged, where=win)
+        np.copyto(self.instance[region], instance, where=win)
 
 
 def _rays(camera: Camera, size: tuple[int, int]) -> np.ndarray:
@@ -675,8 +684,9 @@ def _screen_region(lo: tuple[float, float, float], hi: tuple[float, float, float
 
 
 def _paint_thing(surf: Surfaces, rays: np.ndarray, thing: Thing, scene: Scene,
-                 light: Lighting) -> None:
-    """A cut-out standing at `thing.z`, drawn where its shape covers a ray first."""
+                 light: Lighting, instance: int = 0) -> None:
+    """A cut-out standing at `thing.z`, drawn where its shape covers a ray first (marked
+    `instance` in the instance map)."""
     lo = (thing.x - thing.half_width, -scene.camera.height, thing.z)
     hi = (thing.x + thing.half_width, thing.height - scene.camera.height, thing.z)
     region = _screen_region(lo, hi, scene.camera, rays.shape[1:])
@@ -708,7 +718,7 @@ def _paint_thing(surf: Surfaces, rays: np.ndarray, thing: Thing, scene: Scene,
     camouflaged = np.isin(parts, thing.paint_parts) if thing.camouflaged else False
     surf.paint(visible, depth, thing.label, albedo.T[:, parts], normal,
                thing.emission.T[:, parts] * light.lamps, thing.temperature[parts], camouflaged,
-               region)
+               region, instance)
 
 
 def _trace(scene: Scene, size: tuple[int, int], light: Lighting) -> Surfaces:
@@ -722,14 +732,15 @@ def _trace(scene: Scene, size: tuple[int, int], light: Lighting) -> Surfaces:
         emission=sky_radiance * (1 + 0.05 * scene.coarse),
         temperature=sky_kelvin,
         camouflaged=np.zeros(size, dtype=bool),
+        instance=np.zeros(size, dtype=np.int32),
     )
     _paint_ground(surf, rays, scene, light)
     _paint_boxes(surf, rays, scene.boxes, scene, light)
     for tree in scene.trees:
         _paint_thing(surf, rays, tree, scene, light)
     # Far to near, so a camouflaged object copies what is really behind it.
-    for thing in sorted(scene.objects, key=lambda o: -o.z):
-        _paint_thing(surf, rays, thing, scene, light)
+    for instance, thing in sorted(enumerate(scene.objects, start=1), key=lambda item: -item[1].z):
+        _paint_thing(surf, rays, thing, scene, light, instance)
     texture = 1 + ALBEDO_FINE[surf.label] * scene.fine + ALBEDO_COARSE[surf.label] * scene.coarse
     surf.albedo *= np.clip(texture, 0.2, None)
     return surf
@@ -834,7 +845,34 @@ def render_scene(rng: np.random.Generator, image_size: tuple[int, int], conditio
     for sensor, sensor_rng in zip(SENSORS, rng.spawn(len(SENSORS))):
         if sensor in sensors:
             out[sensor] = cameras[sensor](surf, scene, light, sensor_rng)
-    return out | {"label": surf.label, "camouflaged": surf.camouflaged}
+    return out | {"label": surf.label, "camouflaged": surf.camouflaged,
+                  **instance_boxes(surf.instance, [o.label for o in scene.objects])}
+
+
+def instance_boxes(instance: np.ndarray, labels: list[int]) -> dict[str, np.ndarray]:
+    """Detection boxes of the objects seen in an instance map: the extents of each object's
+    visible pixels (COCO's visible box), half-open xyxy, class ids into `BOX_CLASS_NAMES`.
+    Objects with fewer than `MIN_BOX_PIXELS` visible pixels (scaled with the width) get no box:
+    a speck of a few pixels cannot be told from noise."""
+    min_pixels = MIN_BOX_PIXELS * (instance.shape[1] / REFERENCE_WIDTH) ** 2
+    boxes, classes = [], []
+    for index, found in enumerate(ndimage.find_objects(instance), start=1):
+        if found is None or np.count_nonzero(instance[found] == index) < min_pixels:
+            continue
+        rows, cols = found
+        boxes.append([cols.start, rows.start, cols.stop, rows.stop])
+        classes.append(BOX_CLASSES.index(labels[index - 1]))
+    return {"boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4), "box_labels": np.asarray(classes, np.int64)}
+
+
+def yolo_text(boxes: np.ndarray, classes: np.ndarray, size: tuple[int, int]) -> str:
+    """Boxes as YOLO text (`class cx cy w h`, normalised), the demo's box-label files."""
+    height, width = size
+    lines = []
+    for (x1, y1, x2, y2), cls in zip(boxes.tolist(), classes.tolist(), strict=True):
+        lines.append(f"{cls} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
+                     f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}")
+    return "".join(f"{line}\n" for line in lines)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -887,7 +925,8 @@ def generate_demo(
 ) -> dict:
     """Write the demo dataset to `root` (replacing it) and return what `classes.json` says.
 
-    Layout: `paired/{train,val,test}/{rgb,thermal,depth,label}/<name>.png`, unlabeled pools
+    Layout: `paired/{train,val,test}/{rgb,thermal,depth,label}/<name>.png` and
+    `paired/<split>/boxes/<name>.txt` (YOLO text boxes of the objects, `instance_boxes`), unlabeled pools
     `pool/thermal/<name>.png`, `pool/depth/<name>.png` (num_pool each, from scenes of their
     own), and the foundation corpus `foundation/{train,val}/{rgb,label}/<name>.png`, where
     `<name>` is `<condition>_<index:05d>`; conditions cycle day, dusk, night, except in the
@@ -912,7 +951,8 @@ def generate_demo(
         return corpus.condition(rng)
 
     # (stream, seed, condition of a scene, folder under root, modalities written) per part.
-    parts = [(split, seed, cycle, Path("paired", split), ("rgb", "thermal", "depth", "label")) for split in SPLITS]
+    parts = [(split, seed, cycle, Path("paired", split), ("rgb", "thermal", "depth", "label", BOXES_DIR))
+             for split in SPLITS]
     parts += [("pool_thermal", seed, cycle, Path("pool"), ("thermal",)),
               ("pool_depth", seed, cycle, Path("pool"), ("depth",))]
     parts += [(f"foundation_{split}", corpus.seed, drawn, Path("foundation", split), ("rgb", "label"))
@@ -920,6 +960,7 @@ def generate_demo(
     info = {
         "class_names": list(CLASS_NAMES),
         "palette": [list(colour) for colour in PALETTE],
+        "box_class_names": list(BOX_CLASS_NAMES),
         "ignore_index": IGNORE_INDEX,
         "thermal_units": THERMAL_UNITS,
         "depth_units": DEPTH_UNITS,
@@ -949,8 +990,12 @@ def generate_demo(
                     sensors = tuple(m for m in modalities if m in SENSORS)
                     arrays = render_scene(rng, (height, width), condition, sensors)
                     for modality in modalities:
-                        path = staging / folder / modality / f"{condition}_{index:05d}.png"
-                        path.write_bytes(encode_png(arrays[modality]))
+                        name = staging / folder / modality / f"{condition}_{index:05d}"
+                        if modality == BOXES_DIR:
+                            name.with_suffix(".txt").write_text(
+                                yolo_text(arrays["boxes"], arrays["box_labels"], (height, width)))
+                        else:
+                            name.with_suffix(".png").write_bytes(encode_png(arrays[modality]))
                     bar.update()
         (staging / "classes.json").write_text(json.dumps(info, indent=2) + "\n")
         os.chmod(staging, 0o755)  # mkdtemp makes it private

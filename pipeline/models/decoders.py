@@ -8,7 +8,8 @@ so the comparison between fusion methods is not decided by decoder capacity. Sal
 detection is the same head with one output channel (a saliency logit).
 
 The decoder architecture is chosen apart from the task: `build_decoder(..., architecture=...)`
-takes "all_mlp" (the default, both tasks) or "progressive" (`ProgressiveSODHead`, SOD only).
+takes "all_mlp" (the default, both dense tasks) or "progressive" (`ProgressiveSODHead`, SOD only);
+detection takes torchvision's FCOS on an FPN (`pipeline/models/detection.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pipeline.models.detection import FCOSDetectionHead
 
 NORMS = ("batch", "group")
 
@@ -151,17 +154,19 @@ def _resize(logits: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-DECODERS = ("segmentation", "sod")
-ARCHITECTURES = {"segmentation": ("all_mlp",), "sod": ("all_mlp", "progressive")}
+DECODERS = ("segmentation", "sod", "detection")
+ARCHITECTURES = {"segmentation": ("all_mlp",), "sod": ("all_mlp", "progressive"), "detection": ("fcos",)}
 
 
 def build_decoder(
-    kind: str, in_channels: Sequence[int], num_classes: int, *, architecture: str = "all_mlp", **kwargs
+    kind: str, in_channels: Sequence[int], num_classes: int, *, architecture: str | None = None, **kwargs
 ) -> nn.Module:
-    """Decoder for a task; `architecture` picks the head ("all_mlp", or "progressive" for sod);
-    other kwargs (embed_dim, dropout, norm) go to the head."""
+    """Decoder for a task; `architecture` picks the head (default: the task's first, all_mlp or
+    fcos; "progressive" for sod; fcos is pipeline/models/detection.py); other kwargs
+    (embed_dim, dropout, norm; fpn_channels, strides, ... for FCOS) go to the head."""
     if kind not in ARCHITECTURES:
         raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+    architecture = architecture or ARCHITECTURES[kind][0]
     if architecture not in ARCHITECTURES[kind]:
         raise ValueError(
             f"decoder architecture {architecture!r} is not available for {kind!r}; "
@@ -169,6 +174,8 @@ def build_decoder(
         )
     if kind == "segmentation":
         return AllMLPHead(in_channels, num_classes, **kwargs)
+    if kind == "detection":
+        return FCOSDetectionHead(in_channels, num_classes, **kwargs)
     if num_classes != 1:
         raise ValueError(f"sod predicts one saliency channel, got num_classes={num_classes}")
     if architecture == "progressive":

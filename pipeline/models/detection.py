@@ -68,8 +68,14 @@ class DetectionOutputs:
     image_sizes: list[tuple[int, int]]
 
     def losses(self, targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-        """FCOS's losses for per-image targets {"boxes": (N, 4) xyxy pixels, "labels": (N,)}."""
-        targets = [{"boxes": t["boxes"].float(), "labels": t["labels"].long()} for t in targets]
+        """FCOS's losses for per-image targets {"boxes": (N, 4) xyxy pixels, "labels": (N,),
+        "crowd": (N,) optional}. Crowd (ignore) boxes are no targets; FCOS has no ignore label,
+        so locations inside them count as background."""
+        device = self.anchors[0].device
+        keep = [~t["crowd"].bool() if "crowd" in t else torch.ones(len(t["labels"]), dtype=torch.bool)
+                for t in targets]
+        targets = [{"boxes": t["boxes"][k].float().to(device), "labels": t["labels"][k].long().to(device)}
+                   for t, k in zip(targets, keep, strict=True)]
         return self.detector.compute_loss(targets, self.head_outputs, self.anchors, self.num_anchors_per_level)
 
     def detections(self) -> list[dict[str, Tensor]]:

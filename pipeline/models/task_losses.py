@@ -1,4 +1,5 @@
-"""Stage-2 task losses: cross-entropy with an ignore index for segmentation, BCE + IoU for SOD.
+"""Stage-2 task losses: cross-entropy with an ignore index for segmentation, BCE + IoU for SOD,
+FCOS's own losses for detection (`pipeline/models/detection.py`).
 
 SOD's loss pairs a per-pixel term (BCE) with a per-image region term (soft IoU, as in BASNet):
 BCE alone is dominated by the large, easy background, while IoU scores the object's overlap
@@ -13,6 +14,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pipeline.models.detection import detection_loss
 
 
 def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
@@ -44,7 +47,7 @@ def sod_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, target) + soft_iou_loss(logits, target)
 
 
-LOSSES = {"segmentation": segmentation_loss, "sod": sod_loss}
+LOSSES = {"segmentation": segmentation_loss, "sod": sod_loss, "detection": detection_loss}
 
 
 def build_loss(kind: str, **kwargs) -> Callable[[Tensor, Tensor], Tensor]:

@@ -43,6 +43,7 @@ from pipeline.training.optim import ConfiguredOptimization, OptimSettings
 from pipeline.training.task_data import SEGMENTATION, TaskSample, stream_encoders, task_eval_stream
 from pipeline.training.tasks import (
     evaluate_model,
+    figure_columns,
     fit_task_model,
     output_classes,
     save_prediction_figure,
@@ -142,6 +143,7 @@ def run_foundation(params: Mapping[str, Any], name: str, shard_dir: Path, output
         save_file(state, str(tmp / CHECKPOINT), metadata={
             DESCRIPTION_KEY: cfg["description"], "format": FORMAT, "architecture": json.dumps(architecture)})
         write_json(tmp / INFO, metrics)
-        save_prediction_figure(held_out, [RGB], evaluation_cfg["figure_samples"], tmp / PREDICTIONS_FIGURE)
+        save_prediction_figure(held_out, figure_columns([RGB], SEGMENTATION), evaluation_cfg["figure_samples"],
+                               tmp / PREDICTIONS_FIGURE)
     outputs.publish(metrics, curve.csv_text())
     return metrics

@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data.loading import PairedAugment, Resize, TrainStream, eval_stream, train_stream
 from pipeline.data.modalities import ModalityEncoding, build_encoding
-from pipeline.data.types import LABEL, RGB, Sample
+from pipeline.data.types import BOX_CROWD, BOX_FIELDS, BOX_LABELS, BOXES, LABEL, RGB, Sample
 from pipeline.training.psst_data import EncodeImage, Normalization, measure_normalization
 
-SEGMENTATION, SOD = "segmentation", "sod"
+SEGMENTATION, SOD, DETECTION = "segmentation", "sod", "detection"
+HEADS = (SEGMENTATION, SOD, DETECTION)
 
 
 def stream_encoding(stream: str, modalities: Mapping[str, Any], manifest: Mapping[str, Any]) -> ModalityEncoding:
@@ -72,33 +73,44 @@ class TaskSample:
     "full_target": the target at the sample's original size}.
 
     `geometry` (a paired crop/flip or a resize) runs once on the raw sample, so every stream
-    and the label move together. SOD targets are 1 on `foreground` classes, 0 elsewhere.
+    and the label (or the boxes) move together. SOD targets are 1 on `foreground` classes, 0
+    elsewhere. Detection targets are {"boxes" (N, 4) xyxy pixels, "labels", "crowd"}, and the
+    full target adds "size" (the original H, W) to map predictions back to the native image.
     """
 
     def __init__(self, encoders: Mapping[str, EncodeImage], *, head: str, geometry: PairedAugment | Resize | None,
                  foreground: Sequence[int] = ()):
-        if head not in (SEGMENTATION, SOD):
-            raise ValueError(f"head {head!r} is not {SEGMENTATION} or {SOD}")
+        if head not in HEADS:
+            raise ValueError(f"head {head!r} is not one of {', '.join(HEADS)}")
         self.encoders = dict(encoders)
         self.head = head
         self.geometry = geometry
         self.foreground = torch.tensor(list(foreground), dtype=torch.int64)
 
+    @property
+    def target_members(self) -> list[str]:
+        """The sample entries a labelled sample of this head has."""
+        return list(BOX_FIELDS) if self.head == DETECTION else [LABEL]
+
     def __call__(self, sample: Sample) -> dict[str, Any]:
-        labeled = LABEL in sample  # unlabeled inputs (prediction) get no targets
-        full_target = self._target(sample[LABEL]) if labeled else None  # before any resize
+        labeled = all(name in sample for name in self.target_members)  # unlabeled inputs (prediction): no targets
+        full_target = self._target(sample) if labeled else None  # before any resize
         if self.geometry is not None:
             sample = self.geometry(sample)
         out = {"key": sample["key"], "meta": sample.get("meta", {})}
         for stream, encode in self.encoders.items():
             out[stream] = encode(sample)["image"]
         if labeled:
-            out["target"] = self._target(sample[LABEL])
+            out["target"] = self._target(sample)
             out["full_target"] = full_target
         return out
 
-    def _target(self, label: Tensor) -> Tensor:
-        target = torch.as_tensor(label).long()
+    def _target(self, sample: Sample) -> Tensor | dict[str, Tensor]:
+        if self.head == DETECTION:
+            boxes = sample[BOXES]
+            return {"boxes": boxes.as_subclass(Tensor).float(), "labels": sample[BOX_LABELS].long(),
+                    "crowd": sample[BOX_CROWD].bool(), "size": torch.tensor(boxes.canvas_size)}
+        target = torch.as_tensor(sample[LABEL]).long()
         return torch.isin(target, self.foreground).long() if self.head == SOD else target
 
 
@@ -115,11 +127,11 @@ def label_subset(keys: Sequence[str], fraction: float, seed: int) -> list[str]:
 def task_train_stream(urls: Sequence[str], transform: TaskSample, *, keys: Sequence[str], epoch_samples: int,
                       seed: int) -> TrainStream:
     return train_stream(urls, epoch_samples=epoch_samples, seed=seed, keys=keys, transform=transform,
-                        required=[*_required(transform), LABEL])
+                        required=[*_required(transform), *transform.target_members])
 
 
 def task_eval_stream(urls: Sequence[str], transform: TaskSample) -> IterableDataset:
-    return eval_stream(urls, transform=transform, required=[*_required(transform), LABEL])
+    return eval_stream(urls, transform=transform, required=[*_required(transform), *transform.target_members])
 
 
 def _required(transform: TaskSample) -> list[str]:
@@ -127,10 +139,11 @@ def _required(transform: TaskSample) -> list[str]:
 
 
 def collate_task(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack inputs and targets; full-resolution targets stay a list (their sizes may differ)."""
+    """Stack inputs and targets; full-resolution targets and box targets stay lists (their sizes
+    and box counts differ)."""
     batch: dict[str, Any] = {"key": [s["key"] for s in samples], "meta": [s["meta"] for s in samples]}
     for name, value in samples[0].items():
-        if name == "full_target":
+        if name == "full_target" or isinstance(value, dict):
             batch[name] = [s[name] for s in samples]
         elif isinstance(value, Tensor):
             batch[name] = torch.stack([s[name] for s in samples])

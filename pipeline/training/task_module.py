@@ -28,6 +28,6 @@ class TaskTraining(ConfiguredOptimization, TrainableOnlyCheckpoint, L.LightningM
         # a deeply supervised decoder returns (final, *side outputs): each is trained with the loss
         outputs = logits if isinstance(logits, tuple) else (logits,)
         loss = sum(self.loss(output, batch["target"]) for output in outputs)
-        self.log("loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
+        self.log("loss", loss, prog_bar=True, batch_size=len(batch[self.model.streams[0]]))
         return loss
 

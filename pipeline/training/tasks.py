@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import IterableDataset
 from torchmetrics import Metric
+from torchvision.models.detection.transform import resize_boxes
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import PhaseOutputs, atomic_dir, load_trainable, read_json, save_trainable, write_json
@@ -42,12 +43,15 @@ from pipeline.data.types import RGB
 from pipeline.distributed import gather_objects, launch_ranks, union_over_ranks
 from pipeline.methods.stage2 import MethodSettings, TaskModel
 from pipeline.metrics import SegmentationMetrics, SODMetrics
+from pipeline.metrics.detection import PROTOCOL as DETECTION_PROTOCOL
+from pipeline.metrics.detection import DetectionMetrics
 from pipeline.metrics.seeds import mean_and_std
 from pipeline.models.backbone import create_backbone
 from pipeline.training.callbacks import LossCurve, curves_csv
 from pipeline.training.optim import OptimSettings
 from pipeline.training.psst_data import EncodeImage, Normalization
 from pipeline.training.task_data import (
+    DETECTION,
     SOD,
     TaskSample,
     foreground_ids,
@@ -60,7 +64,7 @@ from pipeline.training.task_data import (
 )
 from pipeline.training.task_module import TaskTraining
 from pipeline.training.trainer import config_hash, fit_resumable, input_fingerprints, phase_steps, training_metrics
-from pipeline.visualize import colorize, image_grid, input_to_rgb, saliency_to_rgb
+from pipeline.visualize import colorize, draw_boxes, image_grid, input_to_rgb, saliency_to_rgb
 
 TRAINABLE = "trainable.safetensors"
 TASK_INFO = "task.json"
@@ -91,9 +95,15 @@ def output_classes(manifest: Mapping[str, Any], head: str) -> tuple[list[str], i
     """(class names, ignore index, palette) of the task's output."""
     if head == SOD:
         return ["background", "salient"], 255, [[0, 0, 0], [255, 255, 255]]
+    if head == DETECTION:
+        names = manifest.get("box_class_names")
+        if not names:
+            raise ValueError(f"dataset {manifest.get('dataset')!r} has no boxes (no box_class_names in its "
+                             "manifest): cannot train detection")
+        return list(names), 255, voc_palette(len(names), start=1)
     names = manifest.get("class_names")
     if not names:
-        raise ValueError(f"dataset {manifest.get('dataset')!r} has no class names: cannot train segmentation")
+        raise ValueError(f"dataset {manifest.get('dataset')!r} has no class names: cannot train {head}")
     ignore = manifest.get("ignore_index")
     palette = manifest.get("palette") or voc_palette(len(names), start=0)
     return list(names), 255 if ignore is None else int(ignore), palette
@@ -261,9 +271,11 @@ def predict_logits(model: TaskModel, inputs: Mapping[str, Tensor], flip: bool = 
     return logits
 
 
-def _new_metric(head: str, classes: Mapping[str, Any]) -> Metric:
+def _new_metric(head: str, classes: Mapping[str, Any]) -> Metric | DetectionMetrics:
     if head == SOD:
         return SODMetrics()
+    if head == DETECTION:
+        return DetectionMetrics(classes["names"])
     return SegmentationMetrics(len(classes["names"]), ignore_index=classes["ignore_index"],
                                class_names=classes["names"])
 
@@ -271,6 +283,33 @@ def _new_metric(head: str, classes: Mapping[str, Any]) -> Metric:
 def _to_output(logits: Tensor, head: str) -> Tensor:
     """Per-pixel output the metrics take: class ids, or saliency probabilities for SOD."""
     return logits[:, 0].sigmoid() if head == SOD else logits.argmax(1)
+
+
+@torch.no_grad()
+def scored_outputs(model: TaskModel, inputs: Mapping[str, Tensor], full_targets: Sequence[Any], *, head: str,
+                   flip: bool = False) -> list[tuple[Any, Any]]:
+    """Per sample (prediction, target) as the head's metric takes them, at each label's native
+    size: dense logits upsampled (bilinear) to the label map, or detections whose boxes are
+    scaled from the input size to the image's own."""
+    if head == DETECTION:
+        if flip:
+            raise ValueError("eval.flip averages dense logits; set it false for a detection task")
+        size = tuple(next(iter(inputs.values())).shape[-2:])
+        detections = model(inputs).detections()
+        return [([native_detections(d, size, tuple(t["size"].tolist()))], [t])
+                for d, t in zip(detections, full_targets, strict=True)]
+    logits = predict_logits(model, inputs, flip=flip)
+    device = logits.device
+    return [(_to_output(F.interpolate(logits[i: i + 1], size=tuple(t.shape), mode="bilinear", align_corners=False),
+                        head), t[None].to(device)) for i, t in enumerate(full_targets)]
+
+
+def native_detections(detections: Mapping[str, Tensor], size: tuple[int, int], native: tuple[int, int]
+                      ) -> dict[str, Tensor]:
+    """Detections of an input of `size` (H, W) in the pixels of the image's `native` size."""
+    if tuple(size) == tuple(native):
+        return dict(detections)
+    return {**detections, "boxes": resize_boxes(detections["boxes"], list(size), list(native))}
 
 
 @dataclass
@@ -297,18 +336,15 @@ def evaluate_model(model: TaskModel, stream: IterableDataset, *, head: str, clas
     started = time.perf_counter()
     for batch in tqdm(task_loader(stream, batch_size, 0), desc=desc, unit="batch", disable=not progress):
         inputs = {s: batch[s].to(device) for s in model.streams}
-        logits = predict_logits(model, inputs, flip=flip)
-        for i, target in enumerate(batch["full_target"]):
-            output = _to_output(F.interpolate(logits[i: i + 1], size=tuple(target.shape), mode="bilinear",
-                                              align_corners=False), head)
-            target = target[None].to(device)
+        scored = scored_outputs(model, inputs, batch["full_target"], head=head, flip=flip)
+        for i, (output, target) in enumerate(scored):
             overall.update(output, target)
             group = sample_group(batch["meta"][i], batch["key"][i], group_pattern)
             if group is not None:
                 groups[group].update(output, target)
             if encoders is not None and len(figure_rows[group or ""]) < figure_samples:
                 figure_rows[group or ""].append((batch["key"][i], _figure_row(
-                    batch, i, output[0], target[0], encoders, model.streams, head, classes)))
+                    batch, i, output, target, encoders, model.streams, head, classes)))
     # Under DDP each rank scored its own shards (split_by_node) and torchmetrics sums the states
     # over ranks in `compute`: every rank must compute the same groups, in the same order.
     names = union_over_ranks(groups)
@@ -328,10 +364,18 @@ def _first_rows_over_ranks(rows: Mapping[str, list[tuple[str, list[np.ndarray]]]
             for group, candidates in merged.items()}
 
 
-def save_prediction_figure(evaluation: Evaluation, streams: Sequence[str], count: int, path: Path) -> None:
+def figure_columns(streams: Sequence[str], head: str) -> list[str]:
+    """Column titles of the prediction figure: each input with the predicted boxes then the ground
+    truth (detection), or the inputs, the ground truth and the prediction (dense heads)."""
+    if head == DETECTION:
+        return [*(f"{s}: predicted" for s in streams), "ground truth"]
+    return [*streams, "ground truth", "prediction"]
+
+
+def save_prediction_figure(evaluation: Evaluation, columns: Sequence[str], count: int, path: Path) -> None:
     labels, rows = _spread(evaluation.figure_rows, count)
     if rows:
-        image_grid(rows, [*streams, "ground truth", "prediction"], labels).save(path)
+        image_grid(rows, columns, labels).save(path)
 
 
 def run_evaluate(params: Mapping[str, Any], task: str, shard_dir: Path, model_dir: Path, outputs: PhaseOutputs,
@@ -360,13 +404,17 @@ def run_evaluate(params: Mapping[str, Any], task: str, shard_dir: Path, model_di
             (tmp / seed_folder(seed)).mkdir()
             write_json(tmp / seed_folder(seed) / "metrics.json", {"task": task, "seed": seed, **runs[seed]})
             if figures:
-                save_prediction_figure(evaluation, model.streams, figures, tmp / PREDICTIONS_FIGURE)
+                save_prediction_figure(evaluation, figure_columns(model.streams, cfg["head"]), figures,
+                                       tmp / PREDICTIONS_FIGURE)
             protocol = {
                 "split": eval_cfg["split"], "input_size": eval_cfg.get("image_size") or "native",
                 "scales": [1.0], "flip": eval_cfg["flip"], "sliding_window": False,
-                "resolution": "logits upsampled (bilinear) to each label's original size",
+                "resolution": ("boxes scaled to each image's original size" if cfg["head"] == DETECTION
+                               else "logits upsampled (bilinear) to each label's original size"),
                 "metrics": _metric_definitions(cfg["head"]), "group_pattern": eval_cfg.get("group_pattern"),
                 "seeds": f"mean and sample std (ddof 1) over seeds {seeds}",
+                **({"detection": {**DETECTION_PROTOCOL, **model.decoder.protocol()}}
+                   if cfg["head"] == DETECTION else {}),
             }
         mean, std = mean_and_std(list(runs.values()))
         metrics = {
@@ -398,6 +446,8 @@ def _spread(rows_by_group: Mapping[str, list], count: int) -> tuple[list[str], l
 
 
 def _metric_definitions(head: str) -> str:
+    if head == DETECTION:
+        return DETECTION_PROTOCOL["definitions"]
     if head == SOD:
         return ("PySODMetrics definitions: S-measure (alpha 0.5), weighted F (beta^2 1), E-measure and "
                 "F-measure (beta^2 0.3) adaptive/mean/max over 256 thresholds, MAE; predictions quantised to 8 bits")
@@ -405,15 +455,26 @@ def _metric_definitions(head: str) -> str:
             "prediction; pixel accuracy; ignore index excluded")
 
 
-def _figure_row(batch: Mapping[str, Any], i: int, output: Tensor, target: Tensor, encoders: Mapping[str, EncodeImage],
+FIGURE_MIN_SCORE = 0.3  # detections drawn in the figure (the metrics use every detection)
+
+
+def _figure_row(batch: Mapping[str, Any], i: int, output: Any, target: Any, encoders: Mapping[str, EncodeImage],
                 streams: Sequence[str], head: str, classes: Mapping[str, Any]) -> list[np.ndarray]:
-    size = tuple(target.shape)
-    tiles = []
-    for stream in streams:
-        image = F.interpolate(batch[stream][i: i + 1], size=size, mode="bilinear", align_corners=False)[0]
-        tiles.append(input_to_rgb(image, encoders[stream].normalization))
-    tiles += [render_output(target.cpu().numpy(), head, classes), render_output(output.cpu().numpy(), head, classes)]
-    return tiles
+    if head == DETECTION:
+        (pred,), (truth,) = output, target
+        size = tuple(truth["size"].tolist())
+    else:
+        size = tuple(target.shape[-2:])
+    images = [input_to_rgb(F.interpolate(batch[s][i: i + 1], size=size, mode="bilinear", align_corners=False)[0],
+                           encoders[s].normalization) for s in streams]
+    if head == DETECTION:
+        shown = pred["scores"] >= FIGURE_MIN_SCORE
+        tiles = [draw_boxes(image, pred["boxes"][shown], pred["labels"][shown], classes["names"], classes["palette"],
+                            scores=pred["scores"][shown]) for image in images]
+        return [*tiles, draw_boxes(images[0], truth["boxes"], truth["labels"], classes["names"], classes["palette"],
+                                   crowd=truth["crowd"])]
+    return [*images, render_output(target[0].cpu().numpy(), head, classes),
+            render_output(output[0].cpu().numpy(), head, classes)]
 
 
 def render_output(output: np.ndarray, head: str, classes: Mapping[str, Any]) -> np.ndarray:

@@ -72,6 +72,7 @@ class DatasetReader(ABC):
     class_names: tuple[str, ...] | None = None
     ignore_index: int | None = None
     palette: tuple[tuple[int, int, int], ...] | None = None
+    box_class_names: tuple[str, ...] | None = None  # detection classes, when the layout has boxes
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -124,6 +125,7 @@ class DatasetReader(ABC):
             "class_names": list(self.class_names) if self.class_names else None,
             "ignore_index": self.ignore_index,
             "palette": [list(c) for c in self.palette] if self.palette else None,
+            "box_class_names": list(self.box_class_names) if self.box_class_names else None,
         }
 
 

@@ -150,6 +150,11 @@ class DetectionReader(ReleaseReader):
     has_labels = False  # the image-label check of ReleaseReader; box files are checked here
     box_file_required: bool = True
 
+    @property
+    def box_class_names(self) -> tuple[str, ...] | None:  # type: ignore[override]
+        """A box-only layout's classes are its detection classes."""
+        return self.class_names
+
     def read_boxes(self, path: Path | None, size: tuple[int, int]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 

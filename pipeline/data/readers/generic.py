@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pipeline.data.readers.base import DatasetReader, index_by_stem, register_reader, sorted_records
-from pipeline.data.types import LABEL, Record, sample_key
+from pipeline.data.readers.boxes import BOX_FILE, index_label_files, read_yolo_boxes
+from pipeline.data.types import LABEL, Record, Sample, sample_key
 
 
 @register_reader("paired")
@@ -21,6 +22,9 @@ class PairedReader(DatasetReader):
     (e.g. `{rgb: visible, thermal: infrared}`). A name missing from one modality folder
     becomes a `missing_modality` skip. Class names, ignore index and palette are given
     directly or by `classes_file`, a JSON file (path relative to `root`) with those keys.
+    Detection boxes, when `box_dir` names a folder beside the modality folders, are YOLO text
+    files `<name>.txt` (a name without one has no object) over `box_class_names` (given, or
+    the classes file's `box_class_names`).
     """
 
     def __init__(
@@ -34,6 +38,8 @@ class PairedReader(DatasetReader):
         palette: Sequence[Sequence[int]] | None = None,
         classes_file: str | None = None,
         recursive: bool = False,
+        box_dir: str | None = None,
+        box_class_names: Sequence[str] | None = None,
     ):
         super().__init__(root)
         if classes_file is not None:
@@ -41,6 +47,11 @@ class PairedReader(DatasetReader):
             class_names = class_names or classes.get("class_names")
             ignore_index = ignore_index if ignore_index is not None else classes.get("ignore_index")
             palette = palette or classes.get("palette")
+            box_class_names = box_class_names or classes.get("box_class_names")
+        if box_dir is not None and not box_class_names:
+            raise ValueError(f"paired: box_dir={box_dir!r} needs box_class_names (or a classes_file with them)")
+        self.box_dir = box_dir
+        self.box_class_names = tuple(box_class_names) if box_dir is not None else None
         self.modalities = tuple(m for m in modalities if m != LABEL)
         self.modality_dirs = {m: m for m in (*self.modalities, LABEL)} | dict(modality_dirs or {})
         if splits is None:
@@ -61,6 +72,9 @@ class PairedReader(DatasetReader):
             sources.append(LABEL)
         indices = {s: index_by_stem(split_root / self.modality_dirs[s], self.recursive) for s in sources}
         names = sorted(set().union(*indices.values()))
+        if self.box_dir is not None:
+            indices[BOX_FILE] = index_label_files(split_root / self.box_dir, ".txt")
+            sources.append(BOX_FILE)
         return sorted_records(
             Record(
                 key=sample_key(split, name),
@@ -69,6 +83,17 @@ class PairedReader(DatasetReader):
             )
             for name in names
         )
+
+
+    def load(self, record: Record) -> Sample:
+        """Images (and the label) as stored, plus the boxes when the layout has them."""
+        box_file = record.files.get(BOX_FILE)
+        images = Record(record.key, {s: p for s, p in record.files.items() if s != BOX_FILE}, record.meta)
+        sample = super().load(images)
+        if self.box_dir is not None:
+            size = next(v.shape[:2] for k, v in sample.items() if k in self.modalities)
+            sample.update(read_yolo_boxes(box_file, size, len(self.box_class_names)))
+        return sample
 
 
 def _read_classes_file(path: Path) -> dict:
