@@ -38,7 +38,7 @@ def _task(root: Path, name: str, *, dataset: str = "mfnet", streams: list[str], 
           fraction: float = 1.0, predictions: bool = True, second: float = 0.9) -> None:
     """A task with one evaluation per entry of `runs` (main metric per seed), aggregated as the
     evaluate stage does."""
-    key = "miou" if head == "segmentation" else "s_measure"
+    key = {"segmentation": "miou", "sod": "s_measure", "detection": "map_50"}[head]
     loras = loras or {}
     seeds = list(range(len(runs)))
     night = night or [r - 0.1 for r in runs]
@@ -55,14 +55,16 @@ def _task(root: Path, name: str, *, dataset: str = "mfnet", streams: list[str], 
                            for s, mode in loras.items()}})
 
     def scores(value: float) -> dict[str, Any]:
+        if head == "detection":
+            return {"map_50": value, "map": second, "per_class_ap": {"person": value, "car": None}}
         return _seg_scores(value, second) if head == "segmentation" else {"s_measure": value, "mae": 0.045}
 
     std = (lambda v: float(np.std(v, ddof=1))) if len(runs) > 1 else (lambda v: 0.0)
     metrics = {"task": name, "head": head, "protocol": {"split": "test"}, "seeds": seeds,
                "overall": {**scores(float(np.mean(runs))), key: float(np.mean(runs))},
                "overall_std": {key: std(runs)},
-               "groups": {"night": {key: float(np.mean(night))}} if head == "segmentation" else {},
-               "groups_std": {"night": {key: std(night)}} if head == "segmentation" else {},
+               "groups": {"night": {key: float(np.mean(night))}} if head != "sod" else {},
+               "groups_std": {"night": {key: std(night)}} if head != "sod" else {},
                "runs": {str(s): {"overall": {key: r}} for s, r in zip(seeds, runs)}, "is_random_init": random_init}
     _write(root / name / "eval" / "metrics.json", metrics)
     if predictions:
@@ -81,6 +83,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _task(tasks, "rgb_seg", streams=["rgb"], runs=[0.35], night=[0.2], trainable=1_200_000, predictions=False)
     _task(tasks, "sod_tpmome", dataset="vt5000", streams=rgbt, head="sod", runs=[0.812], trainable=1_100_000,
           loras={"thermal": "full"})
+    # detection on MSRS: RGB + thermal with and without PSST, the RGB-only twin, a baseline method
+    _task(tasks, "det_tpmome", dataset="msrs", streams=rgbt, head="detection", runs=[0.61], night=[0.55],
+          second=0.31, trainable=2_000_000, loras={"thermal": "full"})
+    _task(tasks, "det_rgb", dataset="msrs", streams=["rgb"], head="detection", runs=[0.42], night=[0.21],
+          second=0.2, trainable=1_900_000)
+    _task(tasks, "det_freeze", dataset="msrs", streams=rgbt, head="detection", method="freeze", runs=[0.5],
+          night=[0.45], second=0.25, trainable=1_500_000)
     # a PSST ablation over three seeds (two segmentation tasks and an SOD task) at 10% labels
     ablation = {"none": ([0.30, 0.32, 0.31], [0.40, 0.41, 0.42]), "mae": ([0.33, 0.35, 0.34], [0.41, 0.43, 0.42]),
                 "full": ([0.36, 0.38, 0.40], [0.45, 0.44, 0.46])}
@@ -166,17 +175,24 @@ def test_readme_tables(report: tuple[Path, dict[str, Any]]) -> None:
     std = 100 * np.std([0.36, 0.38, 0.40], ddof=1)
     assert f"| abl_full_t | demo | rgb+thermal | tp_mome | full | 10% | 3 | 38.0 ± {std:.1f} |" in results
     assert "| sod_tpmome | vt5000 | rgb+thermal | tp_mome | full | 100% | 1 | 81.2 | 4.5 |" in results
+    detection = results.split("### detection\n", 1)[1].split("\n### ", 1)[0]
+    assert "| task | dataset | streams | method | PSST | labels | seeds | mAP@50 | mAP | mAP@50 night |" in detection
+    assert "| det_tpmome | msrs | rgb+thermal | tp_mome | full | 100% | 1 | 61.0 | 31.0 | 55.0 |" in detection
 
     methods = _section(text, "Method comparison")
     assert "### mfnet · rgb+thermal · segmentation · 100%" in methods
     assert "| lora | seg_lora | – | 37.2 | 30.1 | 800k |" in methods
     assert "| tp_mome | seg_tpmome | full | 41.3 | 38.0 | 1.35M |" in methods
     assert "vt5000" not in methods  # a single method is no comparison
+    assert "### msrs · rgb+thermal · detection · 100%" in methods
+    assert "| freeze | det_freeze | – | 50.0 | 45.0 | 1.50M |" in methods
 
     streams = _section(text, "Stream comparison")  # within one LoRA set: the RGB-only task meets the fused one
     assert "### mfnet · segmentation · tp_mome · x · 100%" in streams
     assert "| rgb | rgb_seg | – | 35.0 | 20.0 | 1.20M |" in streams
     assert "| rgb+thermal | seg_tpmome | full | 41.3 | 38.0 | 1.35M |" in streams
+    assert "### msrs · detection · tp_mome · x · 100%" in streams  # day/night detection, RGB vs RGB + thermal
+    assert "| rgb | det_rgb | – | 42.0 | 21.0 | 1.90M |" in streams
 
 
 def test_psst_ablation_in_the_papers_layout(report: tuple[Path, dict[str, Any]]) -> None:
