@@ -166,3 +166,22 @@ def test_map_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
     expected = [single.compute(), group.compute()]
     for rank in range(2):
         assert json.loads((tmp_path / f"m.{rank}").read_text()) == expected
+
+
+def test_bf16_autocast_keeps_anchors_and_box_decoding_in_float32():
+    """On GPUs the head runs under bf16 autocast; anchor points and the loss's box decoding stay
+    float32 (bf16 has steps of 4 pixels at x = 640)."""
+    torch.manual_seed(0)
+    head = FCOSDetectionHead(CHANNELS, num_classes=3, fpn_channels=32, num_convs=1)
+    feats = fused(size=(640, 640))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = head(feats, (640, 640))
+        assert outputs.head_outputs["bbox_regression"].dtype == torch.bfloat16
+        losses = outputs.losses([{"boxes": torch.tensor([[601.0, 10.0, 637.0, 50.0]]), "labels": torch.tensor([1])}] * 2)
+    assert all(a.dtype == torch.float32 for a in outputs.anchors)
+    assert outputs.anchors[0][79].tolist() == [628.0, -4.0, 636.0, 4.0]  # the last point of the first row
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    head.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        detections = head(feats, (640, 640)).detections()
+    assert detections[0]["boxes"].dtype == torch.float32

@@ -112,3 +112,34 @@ def test_detection_refuses_flip_averaging_and_a_dataset_without_boxes(demo):
         output_classes({"dataset": "mfnet", "class_names": ["a"]}, "detection")
     with pytest.raises(ValueError, match="eval.flip .* false for a detection task"):
         scored_outputs(None, {"rgb": torch.zeros(1, 3, 8, 8)}, [], head="detection", flip=True)
+
+
+@pytest.mark.parametrize("name", ["tp_mome", "freeze", "full", "lora", "vpt", "iv_tuning", "cola"])
+def test_every_stage2_method_trains_a_detection_head(name, tmp_path):
+    """Each method's model with the FCOS head: one step's loss reaches the detector and the
+    method's own trainable parts, and nothing frozen."""
+    from pipeline.methods.stage2 import MethodSettings, TaskModel
+    from pipeline.models.backbone import create_backbone
+    from pipeline.models.detection import detection_loss
+
+    params = smoke_params()
+    torch.manual_seed(0)
+    method = MethodSettings.from_config(params["methods"][name])
+    lora_dirs = {"thermal": make_lora(params, tmp_path / "thermal")} if method.modality_loras else None
+    model = TaskModel(create_backbone(**params["backbone"]), ["rgb", "thermal"], method, head="detection",
+                      num_classes=3, decoder={"fpn_channels": 32, "num_convs": 1, "extra_levels": False},
+                      lora_dirs=lora_dirs)
+    images = {s: torch.randn(2, 3, 64, 64) for s in ("rgb", "thermal")}
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0]]), "labels": torch.tensor([2]),
+                "crowd": torch.tensor([False])}, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                                                  "crowd": torch.zeros(0, dtype=torch.bool)}]
+    loss = detection_loss(model(images), targets)
+    loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum()}
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert torch.isfinite(loss) and not frozen_with_grad
+    assert any(n.startswith("decoder.detector.head.") for n in trained)
+    assert any(n.startswith("decoder.detector.backbone.fpn.") for n in trained)
+    own = {"tp_mome": "prompts.", "vpt": "prompts.", "iv_tuning": "iv_tuning.", "cola": "cola.", "full": "backbone.",
+           "lora": "backbone.", "freeze": "fusion."}[name]
+    assert any(n.startswith(own) for n in trained), name

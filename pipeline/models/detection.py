@@ -76,13 +76,21 @@ class DetectionOutputs:
                 for t in targets]
         targets = [{"boxes": t["boxes"][k].float().to(device), "labels": t["labels"][k].long().to(device)}
                    for t, k in zip(targets, keep, strict=True)]
-        return self.detector.compute_loss(targets, self.head_outputs, self.anchors, self.num_anchors_per_level)
+        with torch.autocast(device.type, enabled=False):
+            return self.detector.compute_loss(targets, self._float_outputs(), self.anchors,
+                                              self.num_anchors_per_level)
 
     def detections(self) -> list[dict[str, Tensor]]:
         """Per image {"boxes", "scores", "labels"} after FCOS's threshold, top-k and NMS."""
-        split_outputs = {k: list(v.split(self.num_anchors_per_level, dim=1)) for k, v in self.head_outputs.items()}
+        split_outputs = {k: list(v.split(self.num_anchors_per_level, dim=1)) for k, v in self._float_outputs().items()}
         split_anchors = [list(a.split(self.num_anchors_per_level)) for a in self.anchors]
-        return self.detector.postprocess_detections(split_outputs, split_anchors, self.image_sizes)
+        with torch.autocast(self.anchors[0].device.type, enabled=False):
+            return self.detector.postprocess_detections(split_outputs, split_anchors, self.image_sizes)
+
+    def _float_outputs(self) -> dict[str, Tensor]:
+        """The head's outputs in float32: under bf16 autocast, box offsets of a 640-pixel image
+        would be decoded with 8 bits of mantissa (steps of 2-4 pixels)."""
+        return {k: v.float() for k, v in self.head_outputs.items()}
 
 
 class FCOSDetectionHead(nn.Module):
@@ -118,9 +126,12 @@ class FCOSDetectionHead(nn.Module):
         levels = list(self.detector.backbone(features).values())
         head_outputs = self.detector.head(levels)
         batch = features[0].shape[0]
-        # AnchorGenerator reads only the batch's size, dtype and device from the image tensor
-        images = ImageList(features[0].new_empty((batch, 0, *size)), [size] * batch)
-        anchors = self.detector.anchor_generator(images, levels)
+        # AnchorGenerator reads only sizes, dtype and device from the images and the levels (it takes
+        # the levels' dtype): empty float32 stand-ins whatever the autocast dtype, so anchor points
+        # are exact pixel positions
+        images = ImageList(features[0].new_empty((batch, 0, *size), dtype=torch.float32), [size] * batch)
+        grids = [x.new_empty((0, 0, *x.shape[-2:]), dtype=torch.float32) for x in levels]
+        anchors = self.detector.anchor_generator(images, grids)
         return DetectionOutputs(self.detector, head_outputs, anchors, [x.shape[2] * x.shape[3] for x in levels],
                                 [size] * batch)
 

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline.data.readers import build_reader
@@ -102,7 +103,7 @@ def test_voc_layout_with_split_lists_and_m3fd_layout(tmp_path):
     with pytest.raises(SampleError, match="no box-label file"):
         reader.load(x2)
     with pytest.raises(ValueError, match="no split lists; give `splits` fractions"):
-        build_reader({"reader": "voc", "root": str(voc), "class_names": ["Person"], "split_dir": "none"})
+        build_reader({"reader": "voc", "root": str(voc), "class_names": ["Person"], "split_dir": "none"}).splits()
 
     m3fd = tmp_path / "M3FD_Detection"
     for i in range(5):
@@ -162,3 +163,27 @@ def test_hit_uav_on_the_shared_data(shared_data):
         objects += len(names)
         crowd += int(sample[BOX_CROWD].sum())
     assert objects > 100
+
+
+def test_the_detection_presets_read_the_shared_data(shared_data):
+    """experiment=msrs_det / hit_uav_det: their datasets, and the real thermal pool of three
+    releases (MSRS's val / test pairs stay out of it), read the team's copies."""
+    from pipeline.config import compose_params
+    from tests.conftest import REPO
+
+    msrs = yaml.safe_load(compose_params(["experiment=msrs_det"], REPO / "conf"))["datasets"]
+    pool = build_reader({**msrs["thermal_pool_real"], "root": str(shared_data)})
+    records = pool.records("unlabeled")
+    parts = collections.Counter(r.meta["part"] for r in records)
+    assert parts == {"hit_uav": 1200, "roadscene": 222, "msrs": 144}  # RoadScene's visible/Thumbs.db is listed...
+    with pytest.raises(SampleError, match="Thumbs.db: not an image file"):
+        pool.load(next(r for r in records if r.meta["name"] == "Thumbs.db"))  # ...and skipped when sharded
+    detection = build_reader({**msrs["msrs_det"], "root": str(shared_data / "msrs_rgbt_det")})
+    train = {r.meta["name"] for r in detection.records("train")}
+    assert {r.meta["name"] for r in records if r.meta["part"] == "msrs"} == train  # the same split
+    sample = pool.load(next(r for r in records if r.meta["part"] == "roadscene"))
+    assert set(sample) == {"key", "meta", "thermal"} and sample["thermal"].ndim == 2
+
+    hit = yaml.safe_load(compose_params(["experiment=hit_uav_det"], REPO / "conf"))["datasets"]["hit_uav_det"]
+    reader = build_reader({**hit, "root": str(shared_data / "hit_uav")})
+    assert {s: len(reader.records(s)) for s in reader.splits()} == {"train": 840, "val": 120, "test": 240}

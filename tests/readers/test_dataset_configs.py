@@ -1,6 +1,7 @@
 """Every conf/dataset/*.yaml of a public release names a registered reader and only options
-that reader accepts. (The generic demo, HIT-UAV and RoadScene configs are built against real
-folders in tests/test_shard_real_data.py and tests/test_pipeline_dvc.py.)"""
+that reader accepts. (The generic demo, HIT-UAV, RoadScene and real thermal pool configs are built
+against real folders in tests/test_shard_real_data.py, tests/readers/test_box_readers.py and
+tests/test_pipeline_dvc.py.)"""
 
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from pipeline.data.readers import build_reader
 CONFIGS = [
     path
     for path in sorted((Path(__file__).parents[2] / "conf" / "dataset").glob("*.yaml"))
-    if OmegaConf.load(path).reader not in ("paired", "folder")
+    if OmegaConf.load(path).reader not in ("paired", "folder", "union")
 ]
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.image_io import read_image
-from pipeline.data.readers.base import ReleaseReader, squeeze_grey
+from pipeline.data.readers.base import ReleaseReader, squeeze_grey, voc_palette
 from pipeline.data.types import BOX_CROWD, BOX_LABELS, BOXES, Record, SampleError
 
 BOX_FILE = "box_file"  # source name of a record's box-label file
@@ -154,6 +154,11 @@ class DetectionReader(ReleaseReader):
     def box_class_names(self) -> tuple[str, ...] | None:  # type: ignore[override]
         """A box-only layout's classes are its detection classes."""
         return self.class_names
+
+    @property
+    def palette(self) -> tuple[tuple[int, int, int], ...]:  # type: ignore[override]
+        """Box colours, one per class (PASCAL-VOC's colour map)."""
+        return voc_palette(len(self.class_names or ()), start=1)
 
     def read_boxes(self, path: Path | None, size: tuple[int, int]) -> dict[str, np.ndarray]:
         raise NotImplementedError

@@ -1,13 +1,14 @@
-"""Generic layouts for users' own data: paired modalities by file name, or a plain folder of
-unlabeled images of one modality."""
+"""Generic layouts for users' own data: paired modalities by file name, a plain folder of
+unlabeled images of one modality, and a union of datasets as one pool."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from pipeline.data.readers.base import DatasetReader, index_by_stem, register_reader, sorted_records
+from pipeline.data.readers.base import DatasetReader, build_reader, index_by_stem, register_reader, sorted_records
 from pipeline.data.readers.boxes import BOX_FILE, index_label_files, read_yolo_boxes
 from pipeline.data.types import LABEL, Record, Sample, sample_key
 
@@ -130,3 +131,54 @@ class FolderReader(DatasetReader):
             for name, path in index_by_stem(self.root, recursive=True).items()
         )
 
+
+
+@register_reader("union")
+class UnionReader(DatasetReader):
+    """Several datasets as one unlabeled pool of one modality, e.g. Stage 1's thermal images from
+    HIT-UAV, RoadScene and MSRS's training pairs.
+
+    `parts` maps a part name to a reader config whose `root` is relative to `root` (the folder DVC
+    tracks for the union) and, optionally, `use_splits`: the part's splits that join the pool
+    (all by default; a labelled dataset's test split should stay out of a pool its tasks use).
+    The union has the one split `split`; keys are prefixed by the part's name, and samples keep
+    only `modality`.
+    """
+
+    def __init__(self, root: str | Path, modality: str, parts: Mapping[str, Mapping[str, Any]],
+                 split: str = "unlabeled"):
+        super().__init__(root)
+        self.modalities = (modality,)
+        self.split = split
+        self.parts: dict[str, tuple[DatasetReader, list[str] | None]] = {}
+        for name, config in parts.items():
+            config = dict(config)
+            use = config.pop("use_splits", None)
+            if "root" not in config:
+                raise ValueError(f"union part {name!r} has no root")
+            reader = build_reader({**config, "root": str(self.root / config["root"])}, where=f"union part {name}")
+            if modality not in reader.modalities:
+                raise ValueError(f"union part {name!r} ({reader.name}) has no {modality!r} images "
+                                 f"(it gives {list(reader.modalities)})")
+            self.parts[name] = (reader, list(use) if use is not None else None)
+
+    def splits(self) -> list[str]:
+        return [self.split]
+
+    def records(self, split: str) -> list[Record]:
+        if split != self.split:
+            raise KeyError(f"union reader has only the split {self.split!r}, not {split!r}")
+        records = []
+        for name, (reader, use) in self.parts.items():
+            for part_split in use if use is not None else reader.splits():
+                records += [Record(key=sample_key(name, r.key), files=r.files,
+                                   meta={**r.meta, "part": name, "part_key": r.key})
+                            for r in reader.records(part_split)]
+        return sorted_records(records)
+
+    def load(self, record: Record) -> Sample:
+        reader, _ = self.parts[record.meta["part"]]
+        meta = {k: v for k, v in record.meta.items() if k not in ("part", "part_key")}
+        sample = reader.load(Record(record.meta["part_key"], record.files, meta))
+        (modality,) = self.modalities
+        return {"key": record.key, "meta": {**sample["meta"], "part": record.meta["part"]}, modality: sample[modality]}

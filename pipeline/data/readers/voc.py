@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -54,22 +55,33 @@ class VOCReader(DetectionReader):
                split_seed: int, group_pattern: str | None) -> None:
         self.class_names = tuple(class_names)
         self.ignore_names = tuple(ignore_names)
-        folders = {m: self.root / d for m, d in image_dirs.items()}
-        self.indices = {source: index_by_stem(folder) for source, folder in folders.items()}
-        self.indices[BOX_FILE] = index_label_files(self.root / annotation_dir, ".xml")
-        first = next(iter(image_dirs))
-        if not self.indices[first]:
+        self.image_dirs, self.annotation_dir = dict(image_dirs), annotation_dir
+        self.split_lists = self.root / split_dir if split_dir else None
+        self.fractions = dict(splits) if splits is not None else None
+        self.split_seed = split_seed
+        self.group_pattern = re.compile(group_pattern) if group_pattern else None
+
+    @cached_property
+    def indices(self) -> dict[str, dict[str, Path]]:
+        folders = {m: self.root / d for m, d in self.image_dirs.items()}
+        indices = {source: index_by_stem(folder) for source, folder in folders.items()}
+        indices[BOX_FILE] = index_label_files(self.root / self.annotation_dir, ".xml")
+        first = next(iter(folders))
+        if not indices[first]:
             raise FileNotFoundError(f"{self.name}: no images in {folders[first]}")
-        lists = self.root / split_dir if split_dir else None
-        if splits is not None:
-            pattern = re.compile(group_pattern) if group_pattern else None
-            self.split_names = seeded_splits(sorted(self.indices[first]), dict(splits), split_seed,
-                                             group=lambda name: _group(pattern, name))
-        elif lists is not None and lists.is_dir() and any(lists.glob("*.txt")):
-            self.split_names = {p.stem: read_split_names(p) for p in sorted(lists.glob("*.txt"))}
-        else:
-            raise ValueError(f"{self.name}: {lists} has no split lists; give `splits` fractions "
-                             f"(e.g. {{train: 0.8, test: 0.2}}) to split {self.root} with `split_seed`")
+        return indices
+
+    @cached_property
+    def split_names(self) -> dict[str, list[str]]:
+        lists = self.split_lists
+        if self.fractions is not None:
+            names = sorted(self.indices[next(iter(self.image_dirs))])
+            return seeded_splits(names, self.fractions, self.split_seed,
+                                 group=lambda name: _group(self.group_pattern, name))
+        if lists is not None and lists.is_dir() and any(lists.glob("*.txt")):
+            return {p.stem: read_split_names(p) for p in sorted(lists.glob("*.txt"))}
+        raise ValueError(f"{self.name}: {lists} has no split lists; give `splits` fractions "
+                         f"(e.g. {{train: 0.8, test: 0.2}}) to split {self.root} with `split_seed`")
 
     def splits(self) -> list[str]:
         return list(self.split_names)

@@ -21,6 +21,7 @@ the split is the same on every machine and for every task that reads these pairs
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -98,16 +99,24 @@ class MSRSDetectionReader(YoloTextReader):
             raise ValueError(f"msrs_det: label_set {label_set!r} is not one of {list(self.label_sets)}")
         self.label_set = label_set
         self.class_names = _classes_txt(self.root / "labels" / "classes.txt")
+        self.fractions, self.split_seed = dict(splits or DEFAULT_SPLITS), split_seed
+
+    @cached_property
+    def indices(self) -> dict[str, dict[str, Path]]:
         folders = {RGB: self.root / "visible", "thermal": self.root / "infrared"}
-        self.indices = {source: index_by_stem(folder) for source, folder in folders.items()}
-        self.indices[BOX_FILE] = index_label_files(self.root / "labels" / label_set, ".txt")
-        if not self.indices[RGB]:
+        indices = {source: index_by_stem(folder) for source, folder in folders.items()}
+        indices[BOX_FILE] = index_label_files(self.root / "labels" / self.label_set, ".txt")
+        if not indices[RGB]:
             raise FileNotFoundError(f"msrs_det: no images in {folders[RGB]}")
-        self.split_names = seeded_splits(sorted(self.indices[RGB]), dict(splits or DEFAULT_SPLITS), split_seed,
-                                         group=lambda name: name[-1:].upper())
+        return indices
+
+    @cached_property
+    def split_names(self) -> dict[str, list[str]]:
+        return seeded_splits(sorted(self.indices[RGB]), self.fractions, self.split_seed,
+                             group=lambda name: name[-1:].upper())
 
     def splits(self) -> list[str]:
-        return list(self.split_names)
+        return list(self.fractions)
 
     def records(self, split: str) -> list[Record]:
         return sorted_records(
