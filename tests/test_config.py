@@ -68,6 +68,9 @@ def test_every_preset_composes_to_a_consistent_dag(experiment):
         if params["methods"][task["method"]]["modality_loras"]:
             assert all((task["lora_set"], s) in sets for s in task["streams"] if s != "rgb"), name
         assert isinstance(task["seeds"], list) and task["seeds"], name
+    for probed, dataset in params["probe"]["datasets"].items():  # a preset switches a probe off with null
+        if probed in params["modalities"]:
+            assert dataset is None or dataset in params["datasets"], f"probe.datasets.{probed}"
     for modality in params["modalities"].values():
         assert modality["dataset"] in params["datasets"]
         assert not modality.get("probe") or modality["probe"]["dataset"] in params["datasets"]
