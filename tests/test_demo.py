@@ -76,6 +76,8 @@ def test_layout_names_and_classes_json(dataset):
         names = [f"{CONDITIONS[i % 3]}_{i:05d}.png" for i in range(count)]
         for modality in MODALITIES:
             assert sorted(p.name for p in (root / "paired" / split / modality).iterdir()) == names
+        assert sorted(p.name for p in (root / "paired" / split / "boxes").iterdir()) == \
+            [n.replace(".png", ".txt") for n in names]  # YOLO text boxes of the objects
     for modality in ("thermal", "depth"):
         assert sorted(p.name for p in (root / "pool" / modality).iterdir()) == [
             "day_00000.png", "dusk_00001.png"
@@ -89,6 +91,7 @@ def test_layout_names_and_classes_json(dataset):
     assert info["palette"] == [list(c) for c in PALETTE] and len(PALETTE) == 7
     assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in PALETTE)
     assert info["ignore_index"] == 255
+    assert info["box_class_names"] == ["person", "car", "animal"]
     assert info["thermal_units"] == "centikelvin" and info["depth_units"] == "millimetres"
     assert info["image_size"] == [64, 64] and info["seed"] == 0
     assert info["counts"] == {"train": 3, "val": 2, "test": 3, "pool_thermal": 2, "pool_depth": 2,
@@ -241,9 +244,10 @@ def test_render_scene_arrays():
 def test_sensors_left_out_change_no_other():
     full = render_scene(np.random.default_rng(5), SIZE, "night")
     thermal_only = render_scene(np.random.default_rng(5), SIZE, "night", sensors=("thermal",))
-    assert set(thermal_only) == {"thermal", "label", "camouflaged"}
+    assert set(thermal_only) == {"thermal", "label", "camouflaged", "boxes", "box_labels"}
     assert np.array_equal(full["thermal"], thermal_only["thermal"])
     assert np.array_equal(full["label"], thermal_only["label"])
+    assert np.array_equal(full["boxes"], thermal_only["boxes"])
 
 
 def test_every_class_appears_and_labels_cover_all_pixels():
