@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import yaml
 
 from pipeline.config import compose_params
@@ -38,6 +39,17 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("real images not found: set XMODAL_SHARED_DATA to the shared/data folder")
     return path
+
+
+def spawn_ranks(target: Callable[..., None], world: int, *args: object) -> list[int]:
+    """Run `target(rank, world, *args)` in `world` spawned processes (gloo tests); their exit codes."""
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=target, args=(rank, world, *args)) for rank in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    return [process.exitcode for process in processes]
 
 
 class Interrupt(Exception):

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import FCOS
 
 from pipeline.metrics.detection import DetectionMetrics
 from pipeline.models.detection import FCOSDetectionHead, detection_loss
+from tests.conftest import spawn_ranks
 
 CHANNELS = [16, 32, 64, 128]
 
@@ -151,14 +151,7 @@ def _metrics_as_rank(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 def test_map_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
-    context = mp.get_context("spawn")
-    processes = [context.Process(target=_metrics_as_rank, args=(rank, 2, str(tmp_path / "init"), str(tmp_path / "m")))
-                 for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    assert [process.exitcode for process in processes] == [0, 0]
+    assert spawn_ranks(_metrics_as_rank, 2, str(tmp_path / "init"), str(tmp_path / "m")) == [0, 0]
     preds, gts = fixed_predictions()
     single, group = DetectionMetrics(["person", "bicycle", "car"]), DetectionMetrics(["person", "bicycle", "car"])
     single.update(preds, gts)

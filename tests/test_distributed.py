@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pipeline.artifacts import PhaseOutputs, atomic_dir
 from pipeline.methods.psst import ErrorWeightedPatchLoss, StepCenteredDINOLoss
+from tests.conftest import spawn_ranks
 
 
 def _write_as_rank(rank: int, world: int, init_file: str, root: str, fail_rank: int | None) -> None:
@@ -31,14 +31,7 @@ def _write_as_rank(rank: int, world: int, init_file: str, root: str, fail_rank: 
 
 
 def _run(tmp_path: Path, fail_rank: int | None) -> list[int]:
-    context = mp.get_context("spawn")
-    processes = [context.Process(target=_write_as_rank, args=(rank, 2, str(tmp_path / "init"), str(tmp_path),
-                                                              fail_rank)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    return [process.exitcode for process in processes]
+    return spawn_ranks(_write_as_rank, 2, str(tmp_path / "init"), str(tmp_path), fail_rank)
 
 
 def test_only_rank_zero_writes_once_every_rank_is_done(tmp_path: Path) -> None:
@@ -83,14 +76,7 @@ def _centres_as_rank(rank: int, world: int, init_file: str, out: str) -> None:
 def test_dino_centres_are_averaged_over_ranks(tmp_path: Path) -> None:
     """lightly's `center_mean` all-reduces the batch centre: 2 ranks x 2 images move both centres
     as one process with the 4 images does (and so keep them equal on every rank)."""
-    context = mp.get_context("spawn")
-    processes = [context.Process(target=_centres_as_rank, args=(rank, 2, str(tmp_path / "init"), str(tmp_path / "c")))
-                 for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    assert [process.exitcode for process in processes] == [0, 0]
+    assert spawn_ranks(_centres_as_rank, 2, str(tmp_path / "init"), str(tmp_path / "c")) == [0, 0]
     teacher, units = _centre_data()
     image_loss, patch_loss = StepCenteredDINOLoss(16), ErrorWeightedPatchLoss(16)
     image_loss(teacher, teacher)

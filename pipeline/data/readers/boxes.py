@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.image_io import read_image
-from pipeline.data.readers.base import ReleaseReader, squeeze_grey, voc_palette
-from pipeline.data.types import BOX_CROWD, BOX_LABELS, BOXES, Record, SampleError
+from pipeline.data.readers.base import ReleaseReader, files_for, sorted_records, squeeze_grey, voc_palette
+from pipeline.data.types import BOX_CROWD, BOX_LABELS, BOXES, Record, SampleError, sample_key
 
 BOX_FILE = "box_file"  # source name of a record's box-label file
 
@@ -162,6 +162,21 @@ class DetectionReader(ReleaseReader):
 
     def read_boxes(self, path: Path | None, size: tuple[int, int]) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    # Layouts that pair files by name set these two: source -> {name: file}, split -> names.
+    indices: dict[str, dict[str, Path]]
+    split_names: dict[str, list[str]]
+
+    def records(self, split: str) -> list[Record]:
+        return sorted_records(
+            Record(key=sample_key(split, name), files=files_for(name, self.indices),
+                   meta={"split": split, "name": name, **self.name_meta(name)})
+            for name in self.split_names[split]
+        )
+
+    def name_meta(self, name: str) -> dict[str, Any]:
+        """Facts a layout reads from a sample's name (e.g. day or night)."""
+        return {}
 
     def decode(self, record: Record, meta: dict[str, Any]) -> dict[str, np.ndarray]:
         if self.box_file_required and BOX_FILE not in record.files:

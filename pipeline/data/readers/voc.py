@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.readers.base import index_by_stem, read_split_names, register_reader, sorted_records
+from pipeline.data.readers.base import index_by_stem, read_split_names, register_reader
 from pipeline.data.readers.boxes import BOX_FILE, DetectionReader, index_label_files, read_voc_boxes, seeded_splits
-from pipeline.data.types import RGB, Record, sample_key
+from pipeline.data.types import RGB
 
 
 @register_reader("voc")
@@ -85,14 +85,6 @@ class VOCReader(DetectionReader):
 
     def splits(self) -> list[str]:
         return list(self.split_names)
-
-    def records(self, split: str) -> list[Record]:
-        return sorted_records(
-            Record(key=sample_key(split, name),
-                   files={s: index[name] for s, index in self.indices.items() if name in index},
-                   meta={"split": split, "name": name})
-            for name in self.split_names[split]
-        )
 
     def read_boxes(self, path: Path | None, size: tuple[int, int]) -> dict[str, np.ndarray]:
         return read_voc_boxes(path, size, self.class_names, self.ignore_names)

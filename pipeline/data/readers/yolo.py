@@ -118,13 +118,8 @@ class MSRSDetectionReader(YoloTextReader):
     def splits(self) -> list[str]:
         return list(self.fractions)
 
-    def records(self, split: str) -> list[Record]:
-        return sorted_records(
-            Record(key=sample_key(split, name),
-                   files={s: index[name] for s, index in self.indices.items() if name in index},
-                   meta={"split": split, "name": name, "condition": _CONDITIONS.get(name[-1:].upper())})
-            for name in self.split_names[split]
-        )
+    def name_meta(self, name: str) -> dict[str, str | None]:
+        return {"condition": _CONDITIONS.get(name[-1:].upper())}
 
 
 def _classes_txt(path: Path) -> tuple[str, ...]:
