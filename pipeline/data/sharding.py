@@ -207,8 +207,7 @@ def _write_shards(
         sink = _ShardSink(folder, split, samples_per_shard(len(records), max_per_shard, min_shards))
         digest = hashlib.sha256()
         class_pixels: Counter[int] = Counter()
-        box_counts: Counter[str] = Counter()
-        boxed = False
+        box_counts: Counter[str] = Counter()  # has "crowd" (maybe 0) once a sample had box labels
         written = 0
         bar = tqdm(total=len(records), desc=f"shard {name}/{split}", unit="img", disable=not progress)
         for result in _prepared_stream(reader, records, workers):
@@ -220,7 +219,6 @@ def _write_shards(
                 digest.update(f"{info['path']}\t{info['sha256']}\n".encode())
             class_pixels.update(result.label_pixels)
             box_counts.update(result.boxes)
-            boxed = boxed or "crowd" in result.boxes
             for modality, image in result.stats.items():
                 stats[modality].add(image)
             sink.write(result.key, result.members)
@@ -233,7 +231,7 @@ def _write_shards(
             "shards": sink.names,
             "sources_sha256": digest.hexdigest(),
             "label_pixels": {str(k): v for k, v in sorted(class_pixels.items())} or None,
-            "boxes": _per_class(box_counts, reader.class_names) if boxed else None,
+            "boxes": _per_class(box_counts, reader.class_names) if "crowd" in box_counts else None,
         }
     if not any(s["samples"] for s in splits.values()):
         reasons = Counter(s["reason"] for s in skipped)

@@ -85,7 +85,6 @@ class PairedReader(DatasetReader):
             for name in names
         )
 
-
     def load(self, record: Record) -> Sample:
         """Images (and the label) as stored, plus the boxes when the layout has them."""
         box_file = record.files.get(BOX_FILE)
@@ -130,7 +129,6 @@ class FolderReader(DatasetReader):
             Record(key=sample_key(name), files={modality: path}, meta={"name": name})
             for name, path in index_by_stem(self.root, recursive=True).items()
         )
-
 
 
 @register_reader("union")
