@@ -134,6 +134,50 @@ def test_crowd_regions_neither_match_nor_penalise_and_absent_classes_are_none():
     assert missed.compute()["map_50"] < 1.0  # without the region, that detection is a false positive
 
 
+def _unequal_targets() -> list[dict[str, torch.Tensor]]:
+    """Two images with different foreground counts (two small objects / one large one)."""
+    return [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 40.0], [50.0, 8.0, 90.0, 30.0]]), "labels": torch.tensor([1, 2])},
+            {"boxes": torch.tensor([[4.0, 6.0, 80.0, 60.0]]), "labels": torch.tensor([0])}]
+
+
+def _loss_gradients(images: list[int]) -> dict[str, torch.Tensor]:
+    """Gradients of the detection loss over `images` of the fixed batch, for a fixed head."""
+    torch.manual_seed(0)
+    head = FCOSDetectionHead(CHANNELS, num_classes=3, fpn_channels=32, num_convs=1, extra_levels=False)
+    features = [f[images] for f in fused()]  # (no P6/P7: GroupNorm needs more than one value per image)
+    detection_loss(head(features, (64, 96)), [_unequal_targets()[i] for i in images]).backward()
+    return {name: p.grad.clone() for name, p in head.named_parameters()}
+
+
+def _gradients_as_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    try:
+        gradients = _loss_gradients([rank])
+        for grad in gradients.values():  # what DDP does: the mean over ranks
+            dist.all_reduce(grad)
+            grad /= world
+        torch.save(gradients, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_train_as_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    """The losses are divided by the foreground count averaged over ranks (mmdetection's
+    `reduce_mean(num_pos)`): DDP's mean of the rank gradients equals the gradient of the whole
+    batch in one process. torchvision's per-rank count would not (checked below)."""
+    assert spawn_ranks(_gradients_as_rank, 2, str(tmp_path / "init"), str(tmp_path / "g")) == [0, 0]
+    single = _loss_gradients([0, 1])
+    for rank in range(2):
+        ranks = torch.load(tmp_path / f"g.{rank}", weights_only=True)
+        for name, grad in single.items():
+            torch.testing.assert_close(ranks[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    per_rank = [_loss_gradients([i]) for i in range(2)]  # outside a process group: torchvision's division
+    cls = "detector.head.classification_head.cls_logits.weight"
+    plain = (per_rank[0][cls] + per_rank[1][cls]) / 2
+    assert (plain - single[cls]).abs().max() > 100 * (ranks[cls] - single[cls]).abs().max() + 1e-4
+
+
 def _metrics_as_rank(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=30))

@@ -8,6 +8,13 @@ the head (`FCOSHead`: classification, box regression and centre-ness towers), th
 and the post-processing (`FCOS.postprocess_detections`: score threshold, top-k, class-wise NMS
 via `torchvision.ops.batched_nms`). Nothing here codes, matches or suppresses boxes by hand.
 
+One change to the loss, for data parallelism: torchvision divides each loss by the number of
+foreground locations *on its own rank*, so under DDP's gradient mean a rank holding one small
+object weighs as much as a rank holding fifty. `RankAveragedFCOSHead` divides by the count
+averaged over the ranks instead (mmdetection's FCOS: `reduce_mean(num_pos)`), which makes R ranks
+train exactly as one process on the whole global batch (tested on 2 gloo ranks). Gradient
+accumulation still normalises per micro-batch, as in mmdetection.
+
 The fused maps arrive at strides 4, 8, 16, 32 (finest first). `strides` picks the ones the FPN
 reads (FCOS's own P3-P5: 8, 16, 32 by default; add 4 for very small objects), and `extra_levels`
 adds FCOS's P6/P7 (strides 64, 128) from the coarsest FPN output. Anchor sizes equal the
@@ -26,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -54,6 +62,21 @@ class FusedPyramid(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> OrderedDict[str, Tensor]:
         return self.fpn(OrderedDict((str(i), features[i]) for i in self.indices))
+
+
+class RankAveragedFCOSHead(FCOSHead):
+    """torchvision's FCOS head with its losses normalised by the foreground count averaged over
+    the data-parallel ranks (at least 1, as mmdetection), not by the rank's own count."""
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
+        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return losses
+        own = torch.stack(matched_idxs).ge(0).sum().to(torch.float32)  # what torchvision divided by
+        mean = own.clone()
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+        return {name: loss * own.clamp(min=1) / mean.clamp(min=1) for name, loss in losses.items()}
 
 
 @dataclass
@@ -112,7 +135,8 @@ class FCOSDetectionHead(nn.Module):
         level_strides = [*strides, *((strides[-1] * 2, strides[-1] * 4) if extra_levels else ())]
         anchors = AnchorGenerator(sizes=tuple((s,) for s in level_strides),
                                   aspect_ratios=((1.0,),) * len(level_strides))
-        head = FCOSHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes, num_convs=num_convs)
+        head = RankAveragedFCOSHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
+                                    num_convs=num_convs)
         self.detector = FCOS(pyramid, num_classes, anchor_generator=anchors, head=head,
                              center_sampling_radius=center_sampling_radius, score_thresh=score_thresh,
                              nms_thresh=nms_thresh, detections_per_img=detections_per_img,
