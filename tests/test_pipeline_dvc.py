@@ -153,16 +153,17 @@ def stages_run(output: str) -> set[str]:
 
 
 @pytest.mark.slow
-def test_a_training_stage_under_torchrun_writes_from_rank_zero_only(project, tmp_path):
+@pytest.mark.parametrize("task", ["rgbt_seg", "rgbt_det"])
+def test_a_training_stage_under_torchrun_writes_from_rank_zero_only(project, tmp_path, task):
     """The real finetune command launched as `launcher=torchrun` would launch it (2 gloo processes):
-    it trains with world size 2 and only rank 0's folder and metrics appear."""
-    run(project, sys.executable, "-m", "dvc", "repro", "finetune@rgbt_seg")  # its inputs (no-op after the DAG)
+    it trains with world size 2 and only rank 0's folder and metrics appear (dense and FCOS heads)."""
+    run(project, sys.executable, "-m", "dvc", "repro", f"finetune@{task}")  # its inputs (no-op after the DAG)
     params = project / "params.yaml"
     single = params.read_text()
     try:
         run(project, sys.executable, "-m", "pipeline.cli", "compose", "trainer=ddp_cpu", "launcher=torchrun")
         run(project, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-            "-m", "stages.finetune", "rgbt_seg", "data/shards/demo", "data/lora/default", str(tmp_path / "model"),
+            "-m", "stages.finetune", task, "data/shards/demo", "data/lora/default", str(tmp_path / "model"),
             "--metrics", str(tmp_path / "train.json"))
     finally:
         params.write_text(single)
@@ -196,17 +197,19 @@ def finetune_command(out: Path) -> tuple[str, ...]:
 def test_selection_and_evaluation_give_the_same_outputs_on_one_and_two_processes(project, tmp_path):
     """psst_select (torchrun) and evaluate (Lightning-launched, and torchrun) split the shards over
     2 ranks and gather: the same subset.json, metrics.json (times aside) and figure as 1 process."""
-    run(project, sys.executable, "-m", "dvc", "repro", "finetune@rgbt_seg", "evaluate@rgbt_sod", "psst_select@depth")
+    run(project, sys.executable, "-m", "dvc", "repro", "finetune@rgbt_seg", "evaluate@rgbt_sod", "evaluate@rgbt_det",
+        "psst_select@depth")
     dataset = yaml.safe_load((project / "params.yaml").read_text())["loras"]["depth"]["dataset"]
     select = ("-m", "stages.psst_select", "depth", f"data/shards/{dataset}", "data/psst/depth/warmup")
     evaluate = {task: ("-m", "stages.evaluate", task, "data/shards/demo", f"data/tasks/{task}/model")
-                for task in ("rgbt_seg", "rgbt_sod")}
+                for task in ("rgbt_seg", "rgbt_sod", "rgbt_det")}
     for n in (1, 2):
         with composed(project, *(("trainer=ddp_cpu",) if n == 2 else ())):
             launch = (*TORCHRUN, f"--nproc_per_node={n}", "--master_port=29531") if n == 2 else (sys.executable,)
             run(project, *launch, *select, str(tmp_path / f"selection{n}"))
             run(project, sys.executable, *evaluate["rgbt_seg"], str(tmp_path / f"rgbt_seg{n}"))  # Lightning launches
-            run(project, *launch, *evaluate["rgbt_sod"], str(tmp_path / f"rgbt_sod{n}"))
+            for task in ("rgbt_sod", "rgbt_det"):  # detection: boxes gathered over the ranks
+                run(project, *launch, *evaluate[task], str(tmp_path / f"{task}{n}"))
     subsets = [json.loads((tmp_path / f"selection{n}" / "subset.json").read_text()) for n in (1, 2)]
     assert subsets[0]["scored"] and len(subsets[0]["scores"]) == 8
     assert subsets[0]["selected"] == subsets[1]["selected"]  # the same subset, in the same order
