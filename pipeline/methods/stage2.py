@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,8 @@ class TaskModel(nn.Module):
 
     def encode(self, stream: str, images: Tensor) -> list[Tensor]:
         """The four feature maps of one stream, with that stream's adapter and prompts."""
-        adapter = use_adapter(self.peft, self.adapters[stream]) if self.peft is not None else nullcontext()
-        with adapter:
+        adapter = partial(use_adapter, self.peft, self.adapters[stream]) if self.peft is not None else nullcontext
+        with adapter(), self.backbone.recomputed_in(adapter):  # checkpointed blocks recompute with it
             if self.prompts is not None:
                 return self.prompts.features(self.backbone, images, stream)
             return self.backbone(images)

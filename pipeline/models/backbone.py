@@ -60,7 +60,9 @@ import hashlib
 import logging
 import math
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,47 @@ class Backbone(nn.Module):
         _check_img_size(name, self.img_size, size_multiple)
         self.reductions = list(REDUCTIONS)
         self.channels: list[int] = []
+        self.checkpointed_stages: tuple[int, ...] = ()
+        self.recompute_context: Callable[[], AbstractContextManager] = nullcontext
+
+    def set_activation_checkpointing(self, stages: bool | Sequence[int]) -> None:
+        """Recompute the activations of the blocks of `stages` (0-3, finest first; True: all,
+        False: none) in the backward pass instead of keeping them: memory for compute. Every
+        block loop (plain, prompts, IV-tuning, CoLA, LoRA inside the blocks) reads it, and only
+        when gradients are on: evaluation and scoring are unchanged."""
+        chosen = tuple(range(len(REDUCTIONS))) if stages is True else () if stages is False else tuple(stages)
+        valid = all(not isinstance(s, bool) and s in range(len(REDUCTIONS)) for s in chosen)
+        if not valid or len(set(chosen)) < len(chosen):
+            raise ValueError(f"activation_checkpointing={stages!r}: true, false or a list of distinct stages 0-3")
+        self._checkpoint_stages(tuple(sorted(chosen)))
+        self.checkpointed_stages = tuple(sorted(chosen))
+
+    def _checkpoint_stages(self, stages: tuple[int, ...]) -> None:
+        """Check `stages` for this family and switch any flag timm's own loops read."""
+
+    def block_checkpointed(self, index: int) -> bool:
+        """Whether block `index` (of the flat block list) runs under activation checkpointing."""
+        raise NotImplementedError
+
+    def run_block(self, index: int, fn: Callable[..., Tensor], *args: Any) -> Tensor:
+        """`fn(*args)`, the forward of block `index`: under activation checkpointing when its
+        stage has it and gradients are on (non-reentrant, RNG state kept: drop path draws the
+        same masks). The recomputation runs in backward, after every stream's forward, so it
+        re-enters the `recompute_context` of its forward: the stream's adapter (peft switches
+        one set of LoRA weights per stream)."""
+        if not (self.block_checkpointed(index) and torch.is_grad_enabled()):
+            return fn(*args)
+        context = self.recompute_context
+        return grad_checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), context()))
+
+    @contextmanager
+    def recomputed_in(self, context: Callable[[], AbstractContextManager]) -> Iterator[None]:
+        """Blocks checkpointed inside this `with` recompute under `context()` (see `run_block`)."""
+        previous, self.recompute_context = self.recompute_context, context
+        try:
+            yield
+        finally:
+            self.recompute_context = previous
 
     def check_input(self, x: Tensor) -> None:
         """Refuse a batch the encoder cannot map to exact strides 4-32, with a readable message."""
@@ -201,14 +244,15 @@ class HieraBackbone(TokenBackbone):
     def add_pos_embed(self, tokens: Tensor) -> Tensor:
         return self.model._pos_embed(tokens)
 
+    def block_checkpointed(self, index: int) -> bool:
+        stage = sum(index > end for end in self.model.stage_ends)
+        return stage in self.checkpointed_stages
+
     def forward_tokens(self, tokens: Tensor) -> list[Tensor]:
         # Same loop as HieraDet.forward_intermediates, which cannot start from tokens.
         maps = []
         for i, block in enumerate(self.model.blocks):
-            if self.model.grad_checkpointing:
-                tokens = grad_checkpoint(block, tokens, use_reentrant=False)
-            else:
-                tokens = block(tokens)
+            tokens = self.run_block(i, block, tokens)
             if i in self.model.stage_ends:
                 maps.append(tokens.permute(0, 3, 1, 2))
         return maps
@@ -234,6 +278,11 @@ class SwinBackbone(TokenBackbone):
                 "(or dynamic_img_size=True for inputs of several sizes)"
             )
 
+    def block_checkpointed(self, index: int) -> bool:
+        depths = [len(stage.blocks) for stage in self.model.layers]
+        stage = next(i for i in range(len(depths)) if index < sum(depths[: i + 1]))
+        return stage in self.checkpointed_stages
+
     def embed_patches(self, x: Tensor) -> Tensor:
         self.check_input(x)
         return self.model.patch_embed(x)
@@ -242,9 +291,14 @@ class SwinBackbone(TokenBackbone):
         return tokens  # relative position bias lives inside Swin's attention
 
     def forward_tokens(self, tokens: Tensor) -> list[Tensor]:
-        maps = []
+        # timm's SwinTransformerStage.forward, block by block: its own checkpointing is reentrant
+        # (checkpoint_seq), which gives no gradient to adapters inside a frozen encoder's blocks
+        maps, index = [], 0
         for stage in self.model.layers:
-            tokens = stage(tokens)
+            tokens = stage.downsample(tokens)
+            for block in stage.blocks:
+                tokens = self.run_block(index, block, tokens)
+                index += 1
             maps.append(tokens.permute(0, 3, 1, 2).contiguous())
         return maps
 
@@ -270,16 +324,47 @@ class ViTBackbone(Backbone):
         model.prune_intermediate_layers(self.block_indices, prune_norm=True, prune_head=True)
         self.channels = [model.embed_dim] * len(REDUCTIONS)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        self.check_input(x)
-        grids = self.model.forward_intermediates(
-            x, indices=self.block_indices, norm=False, output_fmt="NCHW", intermediates_only=True
-        )
-        h, w = x.shape[-2:]
+    def block_checkpointed(self, index: int) -> bool:
+        stage = sum(index > taken for taken in self.block_indices)  # blocks up to the first taken: stage 0
+        return stage in self.checkpointed_stages
+
+    def position(self, patches: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Patch tokens (B, h, w, C) -> the sequence entering block 0 (prefix tokens first) and
+        EVA's rotary embedding (None for a ViT): timm 1.0.31 `forward_intermediates`."""
+        model = self.model
+        if isinstance(model, eva.Eva):
+            x, rope = model._pos_embed(patches)
+        else:
+            x, rope = model.patch_drop(model._pos_embed(patches)), None
+        return model.norm_pre(x), rope
+
+    def block_rope(self, rope: Tensor | None, index: int) -> Tensor | None:
+        """Block `index`'s rotary embedding (EVA's mixed mode has one per block)."""
+        return rope[index] if getattr(self.model, "rope_mixed", False) and rope is not None else rope
+
+    def pyramid(self, sequences: Sequence[Tensor], size: Sequence[int]) -> list[Tensor]:
+        """The four taken blocks' sequences of images of `size` -> the four NCHW maps at strides
+        4-32: prefix tokens dropped, the patch grid resized by the parameter-free pyramid."""
+        grid = self.model.patch_embed.dynamic_feat_size(tuple(size))
+        prefix = self.model.num_prefix_tokens
+        h, w = size
         return [
-            self._resize(grid, stride, (h // stride, w // stride))
-            for grid, stride in zip(grids, REDUCTIONS, strict=True)
+            self._resize(seq[:, prefix:].reshape(len(seq), *grid, -1).permute(0, 3, 1, 2).contiguous(),
+                         stride, (h // stride, w // stride))
+            for seq, stride in zip(sequences, REDUCTIONS, strict=True)
         ]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        # timm's forward_intermediates block by block: checkpointing through `run_block`
+        self.check_input(x)
+        seq, rope = self.position(self.model.patch_embed(x))
+        taken = []
+        for i, block in enumerate(self.model.blocks):
+            call = partial(block, rope=self.block_rope(rope, i)) if isinstance(self.model, eva.Eva) else block
+            seq = self.run_block(i, call, seq)
+            if i in self.block_indices:
+                taken.append(seq)
+        return self.pyramid(taken, x.shape[-2:])
 
     def _resize(self, grid: Tensor, stride: int, size: tuple[int, int]) -> Tensor:
         if stride < self.patch_size:

@@ -80,9 +80,8 @@ from timm.models.hieradet_sam2 import (
 )
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from pipeline.models.backbone import REDUCTIONS, Backbone, HieraBackbone, ViTBackbone
+from pipeline.models.backbone import Backbone, HieraBackbone, ViTBackbone
 
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 QKV = ("q", "k", "v")
@@ -373,22 +372,19 @@ class CoLA(nn.Module):
         if images[0].shape[0] != images[1].shape[0]:
             raise ValueError(f"the streams' batch sizes differ: {[x.shape[0] for x in images]}")
         hiera = isinstance(backbone, HieraBackbone)
-        run_block = _hiera_block if hiera else _vit_block
+        block_forward = _hiera_block if hiera else _vit_block
         tokens = _each(backbone.embed, images) if hiera else _each(lambda x: _vit_embed(backbone, x), images)
 
         taken: list[Pair] = []
         take = backbone.model.stage_ends if hiera else backbone.block_indices
         per_block = zip(*(self.adapters[s] for s in self.streams), strict=True)
         for i, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
-            if backbone.model.grad_checkpointing:
-                tokens = grad_checkpoint(run_block, block, layers, tokens, self.pool, use_reentrant=False)
-            else:
-                tokens = run_block(block, layers, tokens, self.pool)
+            tokens = backbone.run_block(i, block_forward, block, layers, tokens, self.pool)
             if i in take:
                 taken.append(tokens)
         maps = [
             [t.permute(0, 3, 1, 2) for t in stream_tokens] if hiera
-            else _vit_pyramid(backbone, stream_tokens, image.shape[-2:])
+            else backbone.pyramid(stream_tokens, image.shape[-2:])
             for stream_tokens, image in zip(zip(*taken), images, strict=True)
         ]
         return dict(zip(self.streams, maps, strict=True))
@@ -403,22 +399,6 @@ def _stage_of_blocks(backbone: Backbone, blocks: int) -> list[int]:
 
 
 def _vit_embed(backbone: ViTBackbone, x: Tensor) -> Tensor:
-    """Images -> the token sequence entering block 0 (timm `forward_intermediates`, 1.0.31)."""
+    """Images -> the token sequence entering block 0 (a ViT: no rotary embedding)."""
     backbone.check_input(x)
-    model = backbone.model
-    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-
-
-def _vit_pyramid(backbone: ViTBackbone, tokens: Sequence[Tensor], size: torch.Size) -> list[Tensor]:
-    """The taken blocks' token sequences -> the backbone's four maps: prefix tokens dropped,
-    NCHW grid, then the backbone's own parameter-free pyramid (`ViTBackbone.forward`)."""
-    model = backbone.model
-    grid_h, grid_w = model.patch_embed.dynamic_feat_size(tuple(size))
-    h, w = size
-    maps = []
-    for seq, stride in zip(tokens, REDUCTIONS, strict=True):
-        grid = seq[:, model.num_prefix_tokens:].reshape(len(seq), grid_h, grid_w, -1)
-        # The backbone's own resize, so that both paths build the pyramid the same way.
-        grid = grid.permute(0, 3, 1, 2).contiguous()
-        maps.append(backbone._resize(grid, stride, (h // stride, w // stride)))
-    return maps
+    return backbone.position(backbone.model.patch_embed(x))[0]

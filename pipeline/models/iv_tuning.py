@@ -70,20 +70,17 @@ changes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from timm.models.eva import Eva, EvaBlock
+from timm.models.eva import EvaBlock
 from timm.models.hieradet_sam2 import MultiScaleBlock
 from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block as ViTBlock
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from pipeline.models.backbone import (
-    REDUCTIONS,
     Backbone,
     HieraBackbone,
     SwinBackbone,
@@ -249,11 +246,6 @@ def block_widths(backbone: Backbone) -> list[int]:
     raise TypeError(f"{backbone.name}: IV-tuning supports Hiera, Swin and ViT/EVA backbones")
 
 
-def _run(checkpointed: bool, fn: Callable[..., Tensor], *args: Any) -> Tensor:
-    """`fn(*args)`, under activation checkpointing when the encoder has it switched on."""
-    return grad_checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args)
-
-
 def _hiera_block(block: MultiScaleBlock, x: Tensor, prompt: Tensor, adapters: BlockAdapters) -> Tensor:
     """timm's Hiera block on (B, H, W, C) with the adapters after both residuals."""
     prompt = block_shortcut(block, prompt)  # to the block's output width and grid
@@ -356,44 +348,33 @@ class IVTuning(nn.Module):
         maps = []
         for i, (block, adapters) in enumerate(zip(model.blocks, self.blocks, strict=True)):
             prompt = prompts if i == 0 else tokens  # P_E, then the previous block's output Z^(l-1)
-            tokens = _run(model.grad_checkpointing, _hiera_block, block, tokens, prompt, adapters)
+            tokens = backbone.run_block(i, _hiera_block, block, tokens, prompt, adapters)
             if i in model.stage_ends:
                 maps.append(tokens.permute(0, 3, 1, 2))
         return maps
 
     def _swin(self, backbone: SwinBackbone, tokens: Tensor, prompts: Tensor) -> list[Tensor]:
-        adapters: Iterator[BlockAdapters] = iter(self.blocks)
+        blocks: Iterator[tuple[int, BlockAdapters]] = enumerate(self.blocks)
         maps = []
-        for s, stage in enumerate(backbone.model.layers):  # timm's SwinTransformerStage.forward, block by block
+        for stage in backbone.model.layers:  # timm's SwinTransformerStage.forward, block by block
             tokens = stage.downsample(tokens)
-            for b, block in enumerate(stage.blocks):
-                prompt = prompts if s == b == 0 else tokens  # P_E, then the previous block's output Z^(l-1)
-                tokens = _run(stage.grad_checkpointing, _swin_block, block, tokens, prompt, next(adapters))
+            for block in stage.blocks:
+                index, adapters = next(blocks)
+                prompt = prompts if index == 0 else tokens  # P_E, then the previous block's output Z^(l-1)
+                tokens = backbone.run_block(index, _swin_block, block, tokens, prompt, adapters)
             maps.append(tokens.permute(0, 3, 1, 2).contiguous())
         return maps
 
     def _vit(self, backbone: ViTBackbone, tokens: Tensor, prompts: Tensor, size: torch.Size) -> list[Tensor]:
-        """timm 1.0.31 `forward_intermediates` of VisionTransformer / Eva, then the backbone's
-        parameter-free pyramid."""
-        model = backbone.model
-        batch, *grid, _ = tokens.shape
-        if isinstance(model, Eva):
-            x, rope = model._pos_embed(tokens)
-        else:
-            x, rope = model.patch_drop(model._pos_embed(tokens)), None
-        x = model.norm_pre(x)
-        per_block_rope = getattr(model, "rope_mixed", False) and rope is not None
-        prefix = model.num_prefix_tokens
-        grids = []
-        for i, (block, adapters) in enumerate(zip(model.blocks, self.blocks, strict=True)):
-            block_rope = rope[i] if per_block_rope else rope
-            prompt = prompts if i == 0 else _patch_grid(x, tuple(grid), prefix)  # P_E, then Z^(l-1)
-            x = _run(model.grad_checkpointing, _vit_block, block, x, prompt, block_rope, adapters, tuple(grid),
-                     prefix)
+        """The backbone's ViT / EVA forward (timm's `forward_intermediates`) with the adapters."""
+        grid = tuple(tokens.shape[1:3])
+        x, rope = backbone.position(tokens)
+        prefix = backbone.model.num_prefix_tokens
+        taken = []
+        for i, (block, adapters) in enumerate(zip(backbone.model.blocks, self.blocks, strict=True)):
+            prompt = prompts if i == 0 else _patch_grid(x, grid, prefix)  # P_E, then Z^(l-1)
+            x = backbone.run_block(i, _vit_block, block, x, prompt, backbone.block_rope(rope, i), adapters, grid,
+                                   prefix)
             if i in backbone.block_indices:
-                grids.append(x[:, prefix:].reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous())
-        h, w = size
-        return [
-            backbone._resize(g, stride, (h // stride, w // stride))
-            for g, stride in zip(grids, REDUCTIONS, strict=True)
-        ]
+                taken.append(x)
+        return backbone.pyramid(taken, size)

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from timm.models.hieradet_sam2 import MultiScaleAttention, MultiScaleBlock
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from pipeline.models.backbone import Backbone, HieraBackbone
 from pipeline.models.hiera_block import hiera_block_forward
@@ -117,10 +116,7 @@ class TaskPrompts(nn.Module):
             raise ValueError(f"{backbone.name}: its blocks do not match the ones the prompts were built for")
         maps = []
         for i, (block, block_prompts) in enumerate(zip(blocks, prompts, strict=True)):
-            if backbone.model.grad_checkpointing:
-                tokens = grad_checkpoint(prompted_block_forward, block, tokens, block_prompts, use_reentrant=False)
-            else:
-                tokens = prompted_block_forward(block, tokens, block_prompts)
+            tokens = backbone.run_block(i, prompted_block_forward, block, tokens, block_prompts)
             if i in backbone.model.stage_ends:
                 maps.append(tokens.permute(0, 3, 1, 2))
         return maps

@@ -48,7 +48,13 @@ from pipeline.training.tasks import (
     output_classes,
     save_prediction_figure,
 )
-from pipeline.training.trainer import config_hash, input_fingerprints, phase_steps, training_metrics
+from pipeline.training.trainer import (
+    apply_memory_levers,
+    config_hash,
+    input_fingerprints,
+    phase_steps,
+    training_metrics,
+)
 
 CHECKPOINT = "model.safetensors"
 INFO = "foundation.json"
@@ -108,7 +114,7 @@ def run_foundation(params: Mapping[str, Any], name: str, shard_dir: Path, output
     manifest = read_manifest(shard_dir)
     class_names, ignore_index, palette = output_classes(manifest, SEGMENTATION)
     L.seed_everything(architecture.get("seed", 0), workers=True, verbose=False)
-    backbone = create_backbone(**architecture, weights="random")
+    backbone = apply_memory_levers(create_backbone(**architecture, weights="random"), params)
     model = TaskModel(backbone, [RGB], PRETRAINING, head=SEGMENTATION, num_classes=len(class_names),
                       decoder=cfg["decoder"])
     urls = shard_urls(shard_dir, train["split"])

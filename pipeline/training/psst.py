@@ -59,7 +59,14 @@ from pipeline.training.psst_data import (
     scoring_stream,
 )
 from pipeline.training.psst_module import JointSettings, JointTraining, MAEWarmup
-from pipeline.training.trainer import config_hash, fit_resumable, input_fingerprints, phase_steps, training_metrics
+from pipeline.training.trainer import (
+    apply_memory_levers,
+    config_hash,
+    fit_resumable,
+    input_fingerprints,
+    phase_steps,
+    training_metrics,
+)
 
 TRAINABLE = "trainable.safetensors"
 TEACHER = "teacher.safetensors"
@@ -96,7 +103,7 @@ def stage1_run(params: Mapping[str, Any], key: str) -> Stage1Run:
 def build_network(params: Mapping[str, Any], psst: Mapping[str, Any], state: Path | None = None) -> PSSTNetwork:
     """Backbone from `backbone`, LoRA/decoder/head from `psst`; optionally load trained tensors."""
     L.seed_everything(psst["seed"], workers=True, verbose=False)
-    backbone = create_backbone(**section(params, "backbone"))
+    backbone = apply_memory_levers(create_backbone(**section(params, "backbone")), params)
     network = PSSTNetwork(backbone, LoraSettings.from_config(psst["lora"]), psst["decoder_dim"], HeadSettings(**psst["head"]))
     if state is not None:
         load_trainable(network, state)

@@ -63,7 +63,14 @@ from pipeline.training.task_data import (
     task_train_stream,
 )
 from pipeline.training.task_module import TaskTraining
-from pipeline.training.trainer import config_hash, fit_resumable, input_fingerprints, phase_steps, training_metrics
+from pipeline.training.trainer import (
+    apply_memory_levers,
+    config_hash,
+    fit_resumable,
+    input_fingerprints,
+    phase_steps,
+    training_metrics,
+)
 from pipeline.visualize import colorize, draw_boxes, image_grid, input_to_rgb, saliency_to_rgb
 
 TRAINABLE = "trainable.safetensors"
@@ -151,7 +158,7 @@ def _finetune_seed(params: Mapping[str, Any], task: str, cfg: Mapping[str, Any],
     class_names, ignore_index, palette = output_classes(manifest, cfg["head"])
     L.seed_everything(seed, workers=True, verbose=False)
     backbone_cfg = dict(section(params, "backbone"))
-    backbone = create_backbone(**backbone_cfg)
+    backbone = apply_memory_levers(create_backbone(**backbone_cfg), params)
     lora_dirs = _lora_dirs(cfg["streams"], method, lora_root)
     model = TaskModel(backbone, cfg["streams"], method, head=cfg["head"],
                       num_classes=_num_outputs(cfg["head"], class_names),

@@ -25,9 +25,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from pipeline.config import section
 from pipeline.data.loading import TrainStream
 from pipeline.data.sharding import file_sha256
 from pipeline.distributed import devices_of_ranks, world_size
+from pipeline.models.backbone import Backbone
 from pipeline.training.callbacks import LossCurve, SeedRanksApart, SetStreamEpoch, StopOnNonFiniteLoss
 
 log = logging.getLogger(__name__)
@@ -179,6 +181,12 @@ def total_steps(trainer_cfg: Mapping[str, Any], *, epochs: int, samples_per_epoc
     return epochs * per_epoch
 
 
+def apply_memory_levers(backbone: Backbone, params: Mapping[str, Any]) -> Backbone:
+    """The `memory` levers (conf/config.yaml) on a training run's encoder."""
+    backbone.set_activation_checkpointing(section(params, "memory.activation_checkpointing"))
+    return backbone
+
+
 def phase_steps(params: Mapping[str, Any], phase: Mapping[str, Any]) -> int:
     """Optimizer steps of a training phase (its `epochs`, `samples_per_epoch`, `batch_size`)
     under the configured trainer and dataloader workers."""
@@ -202,6 +210,11 @@ def training_scale(trainer: L.Trainer, batch_size: int) -> dict[str, Any]:
     }
 
 
+def _checkpointed_stages(module: torch.nn.Module) -> list[int]:
+    """The encoder stages the run recomputed in backward (what was applied, not what was asked)."""
+    return sorted({s for m in module.modules() if isinstance(m, Backbone) for s in m.checkpointed_stages})
+
+
 def training_metrics(trainer: L.Trainer, curve: LossCurve, batch_size: int, samples_per_epoch: int,
                      keys: Sequence[str]) -> dict[str, Any]:
     """What every training stage records: steps, effective batch, time, throughput, and the
@@ -211,6 +224,7 @@ def training_metrics(trainer: L.Trainer, curve: LossCurve, batch_size: int, samp
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         **training_scale(trainer, batch_size),
+        "activation_checkpointing": _checkpointed_stages(trainer.lightning_module),
         "train_seconds": round(curve.seconds, 2),
         "images_per_second": round(trainer.current_epoch * samples_per_epoch / max(curve.seconds, 1e-9), 2),
     }

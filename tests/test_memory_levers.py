@@ -1,0 +1,110 @@
+"""Memory levers trade time for memory and leave the numbers alone (issue 13).
+
+Activation checkpointing (`memory.activation_checkpointing`, `Backbone.set_activation_checkpointing`):
+every Stage-2 method's block loop (plain encoder with task LoRA or full fine-tuning, task prompts
+with the modality LoRA, VPT, IV-tuning's adapters, CoLA's per-stream LoRA) gives the same loss and
+the same gradient of every trained tensor with and without it, on Hiera, Swin and ViT, in train
+mode with drop path on (the recomputation must draw the same masks). The block forwards are
+counted, so a lever that silently does nothing fails: a checkpointed block runs twice per step
+(forward, then again in backward), the others once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pipeline.methods.stage2 import TaskModel
+from pipeline.models.backbone import Backbone, create_backbone
+from pipeline.training.trainer import apply_memory_levers
+
+from tests.test_stage2 import lora_root, method, params  # noqa: F401 (fixtures)  # isort: skip
+
+SIZE = 64
+FAMILIES = {"swin": ("swin_tiny_patch4_window7_224", {}), "vit": ("vit_small_patch16_224", {"init_values": 0.1})}
+CASES = [("hiera", m) for m in ("tp_mome", "vpt", "lora", "full", "iv_tuning", "cola")]
+CASES += [("swin", "lora"), ("swin", "iv_tuning"), ("vit", "lora"), ("vit", "iv_tuning"), ("vit", "cola")]
+
+
+def build(params: dict, family: str, name: str, lora_root: Path) -> TaskModel:  # noqa: F811
+    torch.manual_seed(0)
+    if family == "hiera":  # the smoke encoder, which the modality LoRA artifact was made for
+        backbone = create_backbone(**{**params["backbone"], "drop_path_rate": 0.1})
+    else:
+        timm_name, kwargs = FAMILIES[family]
+        backbone = create_backbone(timm_name, weights="random", img_size=SIZE, drop_path_rate=0.1, **kwargs)
+    changes = {"cola": {**params["methods"]["cola"]["cola"], "reduction": 4}} if (family, name) == ("vit", "cola") else {}
+    settings = method(params, name, **changes)  # (a ViT has one width: one CoLA reduction)
+    lora_dirs = {"thermal": lora_root / "thermal"} if settings.modality_loras else None
+    model = TaskModel(backbone, ["rgb", "thermal"], settings, head="segmentation", num_classes=5,
+                      decoder={"embed_dim": 16}, lora_dirs=lora_dirs).train()
+    with torch.no_grad():  # off the zero initialisations (LoRA's B, residual gates): every tensor gets a gradient
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter), alpha=0.02)
+    return model
+
+
+def encoder_blocks(backbone: Backbone) -> list[nn.Module]:
+    if hasattr(backbone.model, "layers"):  # Swin
+        return [block for stage in backbone.model.layers for block in stage.blocks]
+    return list(backbone.model.blocks)
+
+
+def step(model: TaskModel, stages: bool | list[int]) -> tuple[Tensor, dict[str, Tensor], list[int]]:
+    """One forward + backward from the same RNG state: the loss, the gradients, and how often each
+    encoder block ran (counted at its first norm, which every method's block forward calls once)."""
+    model.backbone.set_activation_checkpointing(stages)
+    blocks = encoder_blocks(model.backbone)
+    calls = [0] * len(blocks)
+    hooks = [b.norm1.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, b in enumerate(blocks)]
+    generator = torch.Generator().manual_seed(1)
+    inputs = {s: torch.randn(2, 3, SIZE, SIZE, generator=generator) for s in ("rgb", "thermal")}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    try:
+        loss = model(inputs).square().mean()
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.backbone.set_activation_checkpointing(False)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, calls
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
+def test_activation_checkpointing_leaves_loss_and_gradients_equal(params, lora_root, family, name):  # noqa: F811
+    model = build(params, family, name, lora_root)
+    loss, grads, calls = step(model, False)
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())  # every trained tensor is reached
+    for stages in (True, [1, 3]):
+        loss_ckpt, grads_ckpt, calls_ckpt = step(model, stages)
+        torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+        assert grads_ckpt.keys() == grads.keys()
+        for key, grad in grads.items():
+            torch.testing.assert_close(grads_ckpt[key], grad, rtol=1e-5, atol=1e-7, msg=key)
+        model.backbone.set_activation_checkpointing(stages)
+        expected = [c * (2 if model.backbone.block_checkpointed(i) else 1) for i, c in enumerate(calls)]
+        model.backbone.set_activation_checkpointing(False)
+        assert calls_ckpt == expected
+        assert any(c > 0 for c in calls) and calls_ckpt != calls
+
+
+def test_stages_are_checked_and_recorded_and_eval_is_untouched(params):  # noqa: F811
+    hiera = apply_memory_levers(create_backbone(**params["backbone"]),
+                                {"memory": {"activation_checkpointing": [0, 1]}})
+    assert hiera.checkpointed_stages == (0, 1)
+    stage_of_block = [sum(i > e for e in hiera.model.stage_ends) for i in range(len(hiera.model.blocks))]
+    assert [hiera.block_checkpointed(i) for i in range(len(stage_of_block))] == [s < 2 for s in stage_of_block]
+    for bad in ([4], [0, 0], [True], "all"):
+        with pytest.raises(ValueError, match="activation_checkpointing"):
+            hiera.set_activation_checkpointing(bad)
+    with torch.no_grad():  # no gradients, nothing to recompute: evaluation runs as before
+        x = torch.randn(1, 3, SIZE, SIZE)
+        torch.testing.assert_close(hiera.eval()(x), apply_memory_levers(hiera, {"memory": {
+            "activation_checkpointing": False}})(x), rtol=0, atol=0)
