@@ -2,9 +2,9 @@
 
 Activation checkpointing (`memory.activation_checkpointing`, `Backbone.set_activation_checkpointing`):
 every Stage-2 method's block loop (plain encoder with task LoRA or full fine-tuning, task prompts
-with the modality LoRA, VPT, IV-tuning's adapters, CoLA's per-stream LoRA) gives the same loss and
-the same gradient of every trained tensor with and without it, on Hiera, Swin and ViT, in train
-mode with drop path on (the recomputation must draw the same masks). The block forwards are
+with the modality LoRA, VPT, IV-tuning's adapters, CoLA's per-stream LoRA) and both PSST phases
+(the masked encoder with the modality LoRA) give the same loss and the same gradient of every
+trained tensor with and without it, on Hiera, Swin and ViT, in train mode with drop path on (the recomputation must draw the same masks). The block forwards are
 counted, so a lever that silently does nothing fails: a checkpointed block runs twice per step
 (forward, then again in backward), the others once.
 """
@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from pipeline.methods.stage2 import TaskModel
 from pipeline.models.backbone import Backbone, create_backbone
 from pipeline.training.trainer import apply_memory_levers
-
-from tests.test_stage2 import lora_root, method, params  # noqa: F401 (fixtures)  # isort: skip
+from tests.ddp_equivalence import FixedSamples, build_module
+from tests.test_stage2 import lora_root, method, params  # noqa: F401 (fixtures)
 
 SIZE = 64
 FAMILIES = {"swin": ("swin_tiny_patch4_window7_224", {}), "vit": ("vit_small_patch16_224", {"init_values": 0.1})}
@@ -108,3 +108,37 @@ def test_stages_are_checked_and_recorded_and_eval_is_untouched(params):  # noqa:
         x = torch.randn(1, 3, SIZE, SIZE)
         torch.testing.assert_close(hiera.eval()(x), apply_memory_levers(hiera, {"memory": {
             "activation_checkpointing": False}})(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("phase", ["warmup", "joint"])
+def test_psst_phases_give_the_same_loss_and_gradients_with_checkpointing(phase):
+    """Stage 1's masked encoder with the modality LoRA in its blocks; the joint phase's EMA
+    teacher runs the same encoder without gradients (nothing to recompute)."""
+    module = build_module(phase, None).train()
+    batch = torch.utils.data.default_collate([FixedSamples(phase)[i] for i in range(2)])
+
+    backbone = module.network.backbone
+    calls = [0]
+    for block in encoder_blocks(backbone):
+        block.norm1.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+
+    def step(stages: bool | list[int]) -> tuple[Tensor, dict[str, Tensor]]:
+        backbone.set_activation_checkpointing(stages)
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        calls[0] = 0
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        backbone.set_activation_checkpointing(False)
+        return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    loss, grads = step(False)
+    plain_calls = calls[0]
+    assert any(".lora_" in name for name in grads)
+    for stages in (True, [0, 2]):
+        loss_ckpt, grads_ckpt = step(stages)
+        assert calls[0] > plain_calls  # the checkpointed blocks ran again in backward
+        torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+        assert grads_ckpt.keys() == grads.keys()
+        for key, grad in grads.items():
+            torch.testing.assert_close(grads_ckpt[key], grad, rtol=1e-5, atol=1e-7, msg=key)
