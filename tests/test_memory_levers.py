@@ -24,7 +24,10 @@ from tests.ddp_equivalence import FixedSamples, build_module
 from tests.test_stage2 import lora_root, method, params  # noqa: F401 (fixtures)
 
 SIZE = 64
-FAMILIES = {"swin": ("swin_tiny_patch4_window7_224", {}), "vit": ("vit_small_patch16_224", {"init_values": 0.1})}
+FAMILIES = {  # narrow and shallow: the loops, not the widths, are under test
+    "swin": ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8)}),
+    "vit": ("vit_tiny_patch16_224", {"init_values": 0.1, "depth": 4}),
+}
 CASES = [("hiera", m) for m in ("tp_mome", "vpt", "lora", "full", "iv_tuning", "cola")]
 CASES += [("swin", "lora"), ("swin", "iv_tuning"), ("vit", "lora"), ("vit", "iv_tuning"), ("vit", "cola")]
 
@@ -82,7 +85,7 @@ def test_activation_checkpointing_leaves_loss_and_gradients_equal(params, lora_r
     model = build(params, family, name, lora_root)
     loss, grads, calls = step(model, False)
     assert grads and all(g.abs().sum() > 0 for g in grads.values())  # every trained tensor is reached
-    for stages in (True, [1, 3]):
+    for stages in ([1, 3],):  # checkpointed and plain blocks in one pass
         loss_ckpt, grads_ckpt, calls_ckpt = step(model, stages)
         torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
         assert grads_ckpt.keys() == grads.keys()
@@ -135,7 +138,7 @@ def test_psst_phases_give_the_same_loss_and_gradients_with_checkpointing(phase):
     loss, grads = step(False)
     plain_calls = calls[0]
     assert any(".lora_" in name for name in grads)
-    for stages in (True, [0, 2]):
+    for stages in ([0, 2],):
         loss_ckpt, grads_ckpt = step(stages)
         assert calls[0] > plain_calls  # the checkpointed blocks ran again in backward
         torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
