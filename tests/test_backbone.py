@@ -208,6 +208,19 @@ def test_vit_pyramid_is_parameter_free_resizing_of_spaced_blocks(vit):
     torch.testing.assert_close(maps[3], F.max_pool2d(grids[3], 2))
 
 
+def test_eva_blocks_run_by_the_backbone_equal_timms_forward_intermediates():
+    """The backbone runs the ViT / EVA blocks itself (activation checkpointing goes through its
+    `run_block`); with EVA's rotary embedding its taken blocks are timm's, bit for bit."""
+    eva = create_backbone("eva02_tiny_patch14_224", weights="random", img_size=224).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        grids = eva.model.forward_intermediates(x, indices=eva.block_indices, intermediates_only=True)
+        maps = eva(x)
+    assert eva.block_indices == [2, 5, 8, 11]
+    expected = [eva._resize(g, s, (224 // s, 224 // s)) for g, s in zip(grids, (4, 8, 16, 32), strict=True)]
+    assert [torch.equal(a, b) for a, b in zip(maps, expected, strict=True)] == [True] * 4
+
+
 def test_vit_out_blocks_pick_the_pyramid_blocks():
     """IV-tuning's released EVA02-L takes blocks 7, 11, 15, 23 (0-based) of 24; a 12-block
     model here takes 1, 3, 5, 11, and the maps are those blocks' outputs."""
