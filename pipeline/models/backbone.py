@@ -142,11 +142,7 @@ class Backbone(nn.Module):
         valid = all(not isinstance(s, bool) and s in range(len(REDUCTIONS)) for s in chosen)
         if not valid or len(set(chosen)) < len(chosen):
             raise ValueError(f"activation_checkpointing={stages!r}: true, false or a list of distinct stages 0-3")
-        self._checkpoint_stages(tuple(sorted(chosen)))
         self.checkpointed_stages = tuple(sorted(chosen))
-
-    def _checkpoint_stages(self, stages: tuple[int, ...]) -> None:
-        """Check `stages` for this family and switch any flag timm's own loops read."""
 
     def block_checkpointed(self, index: int) -> bool:
         """Whether block `index` (of the flat block list) runs under activation checkpointing."""
