@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from pipeline.methods.stage2 import TaskModel
 from pipeline.models.backbone import Backbone, create_backbone
-from pipeline.training.trainer import apply_memory_levers
+from pipeline.training.trainer import _checkpointed_stages, apply_memory_levers
 from tests.ddp_equivalence import FixedSamples, build_module
 from tests.test_stage2 import lora_root, method, params  # noqa: F401 (fixtures)
 
@@ -98,19 +98,26 @@ def test_activation_checkpointing_leaves_loss_and_gradients_equal(params, lora_r
         assert any(c > 0 for c in calls) and calls_ckpt != calls
 
 
-def test_stages_are_checked_and_recorded_and_eval_is_untouched(params):  # noqa: F811
+def test_stages_are_checked_and_recorded_and_eval_is_untouched(params, monkeypatch):  # noqa: F811
     hiera = apply_memory_levers(create_backbone(**params["backbone"]),
                                 {"memory": {"activation_checkpointing": [0, 1]}})
     assert hiera.checkpointed_stages == (0, 1)
     stage_of_block = [sum(i > e for e in hiera.model.stage_ends) for i in range(len(hiera.model.blocks))]
     assert [hiera.block_checkpointed(i) for i in range(len(stage_of_block))] == [s < 2 for s in stage_of_block]
+    assert _checkpointed_stages(nn.ModuleDict({"encoder": hiera})) == [0, 1]  # what train.json records
     for bad in ([4], [0, 0], [True], "all"):
         with pytest.raises(ValueError, match="activation_checkpointing"):
             hiera.set_activation_checkpointing(bad)
-    with torch.no_grad():  # no gradients, nothing to recompute: evaluation runs as before
-        x = torch.randn(1, 3, SIZE, SIZE)
-        torch.testing.assert_close(hiera.eval()(x), apply_memory_levers(hiera, {"memory": {
-            "activation_checkpointing": False}})(x), rtol=0, atol=0)
+
+    def no_checkpoint(*args, **kwargs):
+        raise AssertionError("checkpointed")
+
+    monkeypatch.setattr("pipeline.models.backbone.grad_checkpoint", no_checkpoint)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():  # no gradients, nothing to recompute: evaluation and scoring run plainly
+        hiera.eval()(x)
+    with pytest.raises(AssertionError, match="checkpointed"):
+        hiera(x)
 
 
 @pytest.mark.parametrize("phase", ["warmup", "joint"])
