@@ -1,0 +1,114 @@
+"""The training data loaders' images/s against what the training steps consume, side by side in one run.
+
+    python benchmarks/loader_throughput.py [--root ../shared/data/msrs_rgbt_det] [--workers 2]
+
+Real files: the MSRS RGB-thermal pairs (640x480 PNG) are sharded once into a temporary folder.
+Then, for Stage 2 and for PSST's joint phase, the loader the stage trains with (shard reading,
+PNG decoding, modality encoding, paired crops / DINO multi-crop, normalisation, collation, in
+`--workers` dataloader processes) is timed alone, and so is the training step it feeds
+(`pipeline.benchmarking`: tp_mome RGB + thermal; the PSST joint step), on the same batch size
+and crop sizes. loader / consumption >= 2 means the step never waits for data. On a CPU the
+two share the same cores when training, so read the ratio as an upper bound there; on a GPU
+machine the loader has the CPU to itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+import warnings
+from itertools import islice
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline.benchmarking import (
+    IMAGENET_STATS,
+    device_name,
+    multicrop_batch,
+    psst_joint_module,
+    psst_joint_step,
+    shard_msrs_pairs,
+    stage2_setup,
+    stage2_step,
+    time_side_by_side,
+)
+from pipeline.config import compose_params
+from pipeline.data.loading import shard_keys, shard_urls
+from pipeline.data.sharding import read_manifest
+from pipeline.training.psst_data import MultiCrop, loader, multicrop_stream
+from pipeline.training.task_data import stream_encoders, task_loader
+from pipeline.training.tasks import training_stream
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msrs_rgbt_det"
+
+
+def loader_images_per_second(batches, batch_size: int, count: int) -> float:
+    """Images/s of `count` batches after the first (worker start-up is not throughput)."""
+    iterator = iter(batches)
+    next(iterator)
+    start = time.perf_counter()
+    done = sum(1 for _ in islice(iterator, count))
+    return done * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="MSRS pairs (visible/, infrared/, labels/)")
+    parser.add_argument("--workers", type=int, default=2, help="dataloader processes (loader.num_workers)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=10, help="timed loader batches")
+    parser.add_argument("--task-size", type=int, nargs=2, default=[224, 288], help="Stage-2 crops H W")
+    parser.add_argument("--psst-size", type=int, default=128, help="PSST global crops (locals: half)")
+    parser.add_argument("--local-crops", type=int, default=2)
+    parser.add_argument("--backbone", default="sam2_hiera_tiny")
+    parser.add_argument("--embed-dim", type=int, default=48, help="narrower Hiera (the demo's 48); 0: timm's width")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = device.type == "cuda"
+    backbone_args = {"name": args.backbone, **({"embed_dim": args.embed_dim} if args.embed_dim else {})}
+    modalities = yaml.safe_load(compose_params([]))["modalities"]
+    with tempfile.TemporaryDirectory(prefix="xmodal-loader-") as tmp:
+        shard_msrs_pairs(args.root, tmp, {"train": 1.0})
+        urls, manifest = shard_urls(tmp, "train"), read_manifest(Path(tmp))
+        encoders = stream_encoders(["rgb", "thermal"], modalities, manifest, urls, IMAGENET_STATS, 32,
+                                   progress=False)
+        epoch = args.batch * (args.batches + 1)
+        train = {"image_size": args.task_size, "crop_scale": [0.5, 1.0], "samples_per_epoch": epoch}
+        task_stream = training_stream(encoders, urls, shard_keys(urls), train, head="detection", foreground=[], seed=0)
+        task_loaded = loader_images_per_second(task_loader(task_stream, args.batch, args.workers), args.batch,
+                                               args.batches)
+        multicrop = MultiCrop(encoders["thermal"], global_size=[args.psst_size] * 2,
+                              local_size=[args.psst_size // 2] * 2, local_crops=args.local_crops)
+        psst_stream = multicrop_stream(urls, multicrop, epoch_samples=epoch)
+        psst_loaded = loader_images_per_second(loader(psst_stream, args.batch, args.workers), args.batch, args.batches)
+
+    with stage2_setup(backbone_args, ["rgb", "thermal"], "tp_mome", device, decoder={"embed_dim": 64}) as setup:
+        batch = setup.batch(args.batch, args.task_size)
+        task_step = time_side_by_side({"step": lambda: stage2_step(setup, batch)}, device, repeats=args.repeats,
+                                      bf16=bf16)["step"]
+    module = psst_joint_module(backbone_args, device)
+    views = multicrop_batch(args.batch, args.psst_size, args.local_crops, device)
+    psst_step = time_side_by_side({"step": lambda: psst_joint_step(module, views)}, device, repeats=args.repeats,
+                                  bf16=bf16)["step"]
+
+    print(f"device: {device_name(device)}; loader: {args.workers} workers, batch {args.batch}, real MSRS pairs "
+          f"(640x480 PNG); steps: {args.backbone}{f' (embed_dim {args.embed_dim})' if args.embed_dim else ''}, "
+          f"random weights, {'bf16 autocast' if bf16 else 'fp32'}")
+    print(f"{'stage':<34} {'loader img/s':>12} {'step img/s':>11} {'loader/step':>11}")
+    rows = [(f"Stage 2 tp_mome RGB+T {args.task_size[0]}x{args.task_size[1]}", task_loaded, args.batch / task_step),
+            (f"PSST joint {args.psst_size}px x2 + {args.psst_size // 2}px x{args.local_crops}", psst_loaded,
+             args.batch / psst_step)]
+    for name, loaded, consumed in rows:
+        print(f"{name:<34} {loaded:12.1f} {consumed:11.1f} {loaded / consumed:11.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""One Stage-2 training step of each seed method and ours against its floor, side by side in one run.
+
+    python benchmarks/stage2_step.py                     # CPU: narrow Hiera-T, 128 px, batch 4
+    python benchmarks/stage2_step.py --backbone sam2_hiera_base_plus --embed-dim 0 --image-size 512 --batch 8
+
+The floor is what a Stage-2 step cannot avoid: the plain frozen encoder's forward + backward
+once per stream on the same batch (the backward reaches every block, as prompts and adapters
+inside the encoder need), with no prompts, LoRA, adapters, fusion or decoder. Our step is the
+method's task model: its encoder passes, fusion, decoder, loss, backward and AdamW step
+(`pipeline.benchmarking.stage2_step`). On a GPU both run under bf16 autocast (the trainer's
+`bf16-mixed`). Goal: step / floor <= 1.2 for tp_mome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+
+import torch
+
+from pipeline.benchmarking import (
+    device_name,
+    encoder_floor_step,
+    stage2_setup,
+    stage2_step,
+    time_side_by_side,
+)
+
+MODALITIES = ("thermal", "depth")
+
+
+def measure(method: str, backbone_args: dict, streams: list[str], *, image_size: int, batch_size: int,
+            device: torch.device, bf16: bool, repeats: int, decoder_dim: int) -> dict[str, float]:
+    """Seconds per step of `method` and of its floor, and their ratio."""
+    with stage2_setup(backbone_args, streams, method, device, decoder={"embed_dim": decoder_dim}) as setup:
+        batch = setup.batch(batch_size, image_size)
+        times = time_side_by_side({"floor": lambda: encoder_floor_step(setup, batch),
+                                   "step": lambda: stage2_step(setup, batch)}, device, repeats=repeats, bf16=bf16)
+    return {**times, "ratio": times["step"] / times["floor"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="sam2_hiera_tiny")
+    parser.add_argument("--embed-dim", type=int, default=48, help="narrower Hiera (the demo's 48); 0: timm's width")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--methods", nargs="+", default=["tp_mome", "iv_tuning", "cola"])
+    parser.add_argument("--modalities", type=int, default=1, help="non-RGB streams (tp_mome; the seed methods take 1)")
+    parser.add_argument("--decoder-dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)  # the random-weights warning: the header says so once
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = device.type == "cuda"
+    backbone_args = {"name": args.backbone, **({"embed_dim": args.embed_dim} if args.embed_dim else {})}
+    print(f"device: {device_name(device)}; {args.backbone}{f' (embed_dim {args.embed_dim})' if args.embed_dim else ''}, "
+          f"random weights, {args.image_size}px, batch {args.batch}, {'bf16 autocast' if bf16 else 'fp32'}")
+    print(f"{'method':<10} {'streams':<22} {'floor ms':>9} {'step ms':>9} {'step/floor':>10}")
+    for method in args.methods:
+        extra = args.modalities if method == "tp_mome" else 1
+        streams = ["rgb", *MODALITIES[:extra]]
+        result = measure(method, backbone_args, streams, image_size=args.image_size, batch_size=args.batch,
+                         device=device, bf16=bf16, repeats=args.repeats, decoder_dim=args.decoder_dim)
+        print(f"{method:<10} {'+'.join(streams):<22} {result['floor'] * 1000:9.1f} {result['step'] * 1000:9.1f} "
+              f"{result['ratio']:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
