@@ -135,7 +135,8 @@ def run_foundation(params: Mapping[str, Any], name: str, shard_dir: Path, output
         model.eval().to(device), task_eval_stream(shard_urls(shard_dir, evaluation_cfg["split"]), transform),
         head=SEGMENTATION, classes=classes, batch_size=evaluation_cfg["batch_size"],
         group_pattern=evaluation_cfg.get("group_pattern"), encoders=encoders,
-        figure_samples=evaluation_cfg["figure_samples"], progress=progress, desc=f"evaluate foundation {name}")
+        figure_samples=evaluation_cfg["figure_samples"], num_workers=section(params, "loader.num_workers"),
+        progress=progress, desc=f"evaluate foundation {name}")
     metrics: dict[str, Any] = {
         "foundation": name, "description": cfg["description"], "architecture": architecture,
         "parameters": sum(p.numel() for p in backbone.parameters()),

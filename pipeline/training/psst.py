@@ -212,7 +212,8 @@ def run_select(params: Mapping[str, Any], lora: str, shard_dir: Path, warmup_dir
         network = build_network(params, psst, warmup_dir / TRAINABLE).eval().to(device)
         encode = load_encoder_input(warmup_dir)
         grid = mask_grid(psst["image_size"])
-        batches = loader(scoring_stream(urls, encode, image_size=psst["image_size"]), cfg["batch_size"], 0)
+        batches = loader(scoring_stream(urls, encode, image_size=psst["image_size"]), cfg["batch_size"],
+                         section(params, "loader.num_workers"))
         for batch in tqdm(batches, desc=f"score {lora}", unit="batch", disable=not progress):
             masks = [keyed_masks(batch["key"], grid, psst["mask_ratio"], psst["seed"], -draw, device)
                      for draw in range(1, cfg["num_masks"] + 1)]

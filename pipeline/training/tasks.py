@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import PhaseOutputs, atomic_dir, load_trainable, read_json, save_trainable, write_json
 from pipeline.config import section
-from pipeline.data.loading import PairedAugment, Resize, shard_keys, shard_urls
+from pipeline.data.loading import PairedAugment, Resize, TrainStream, shard_keys, shard_urls
 from pipeline.data.modalities import ModalityEncoding
 from pipeline.data.readers.base import voc_palette
 from pipeline.data.sharding import MANIFEST, file_sha256, read_manifest
@@ -215,15 +215,22 @@ def _psst_mode(lora_dir: Path) -> str | None:
     return read_json(lora_dir / LORA_PROVENANCE).get("psst", {}).get("mode")
 
 
+def training_stream(encoders: Mapping[str, EncodeImage], urls: Sequence[str], keys: Sequence[str],
+                    train: Mapping[str, Any], *, head: str, foreground: Sequence[int], seed: int) -> TrainStream:
+    """The labelled samples `keys` of `urls`, every stream encoded, cropped and flipped together
+    at `train.image_size` (what a task trains on, and what benchmarks/loader_throughput.py times)."""
+    transform = TaskSample(encoders, head=head, foreground=foreground,
+                           geometry=PairedAugment(train["image_size"], scale=train["crop_scale"]))
+    return task_train_stream(urls, transform, keys=keys, epoch_samples=train["samples_per_epoch"], seed=seed)
+
+
 def fit_task_model(params: Mapping[str, Any], module: L.LightningModule, encoders: Mapping[str, EncodeImage],
                    urls: Sequence[str], keys: Sequence[str], train: Mapping[str, Any], *, head: str,
                    foreground: Sequence[int], seed: int, run_name: str, tag: str, run_dirs: Mapping[str, Path],
                    curve_keys: Sequence[str] = ("loss",)) -> tuple[L.Trainer, LossCurve]:
     """Train `module` on the labeled samples `keys` of `urls` with the `train` crops and epochs
     and the configured trainer; resumable under `tag`."""
-    transform = TaskSample(encoders, head=head, foreground=foreground,
-                           geometry=PairedAugment(train["image_size"], scale=train["crop_scale"]))
-    stream = task_train_stream(urls, transform, keys=keys, epoch_samples=train["samples_per_epoch"], seed=seed)
+    stream = training_stream(encoders, urls, keys, train, head=head, foreground=foreground, seed=seed)
     trainer_cfg, workers = section(params, "trainer"), section(params, "loader.num_workers")
     curve = LossCurve(list(curve_keys))
     trainer = fit_resumable(
@@ -333,15 +340,17 @@ class Evaluation:
 def evaluate_model(model: TaskModel, stream: IterableDataset, *, head: str, classes: Mapping[str, Any],
                    batch_size: int, flip: bool = False, group_pattern: str | None = None,
                    encoders: Mapping[str, EncodeImage] | None = None, figure_samples: int = 0,
-                   progress: bool = True, desc: str = "evaluate") -> Evaluation:
+                   num_workers: int = 0, progress: bool = True, desc: str = "evaluate") -> Evaluation:
     """Single-scale (optionally flipped) predictions of `model` over `stream`, scored at each
-    label's original resolution, overall and per group (`group_pattern` on the file names)."""
+    label's original resolution, overall and per group (`group_pattern` on the file names).
+    `num_workers` loader processes decode the shards (split between them), so a GPU is not left
+    waiting for PNG decoding; the metrics and the figure do not depend on it."""
     device = next(model.parameters()).device
     overall = _new_metric(head, classes).to(device)
     groups: dict[str, Metric] = defaultdict(lambda: _new_metric(head, classes).to(device))
     figure_rows: dict[str, list[tuple[str, list[np.ndarray]]]] = defaultdict(list)  # per group: (key, row)
     started = time.perf_counter()
-    for batch in tqdm(task_loader(stream, batch_size, 0), desc=desc, unit="batch", disable=not progress):
+    for batch in tqdm(task_loader(stream, batch_size, num_workers), desc=desc, unit="batch", disable=not progress):
         inputs = {s: batch[s].to(device) for s in model.streams}
         scored = scored_outputs(model, inputs, batch["full_target"], head=head, flip=flip)
         for i, (output, target) in enumerate(scored):
@@ -349,9 +358,12 @@ def evaluate_model(model: TaskModel, stream: IterableDataset, *, head: str, clas
             group = sample_group(batch["meta"][i], batch["key"][i], group_pattern)
             if group is not None:
                 groups[group].update(output, target)
-            if encoders is not None and len(figure_rows[group or ""]) < figure_samples:
-                figure_rows[group or ""].append((batch["key"][i], _figure_row(
-                    batch, i, output, target, encoders, model.streams, head, classes)))
+            rows, key = figure_rows[group or ""], batch["key"][i]
+            if encoders is not None and figure_samples and (len(rows) < figure_samples or key < rows[-1][0]):
+                # the smallest keys, whatever order the loader workers delivered them in
+                rows.append((key, _figure_row(batch, i, output, target, encoders, model.streams, head, classes)))
+                rows.sort(key=lambda row: row[0])
+                del rows[figure_samples:]
     # Under DDP each rank scored its own shards (split_by_node) and torchmetrics sums the states
     # over ranks in `compute`: every rank must compute the same groups, in the same order.
     names = union_over_ranks(groups)
@@ -405,7 +417,7 @@ def run_evaluate(params: Mapping[str, Any], task: str, shard_dir: Path, model_di
                 model.to(device), task_eval_stream(shard_urls(shard_dir, eval_cfg["split"]), transform),
                 head=cfg["head"], classes=classes, batch_size=eval_cfg["batch_size"], flip=eval_cfg["flip"],
                 group_pattern=eval_cfg.get("group_pattern"), encoders=encoders, figure_samples=figures,
-                progress=progress, desc=f"evaluate {task} seed {seed}")
+                num_workers=section(params, "loader.num_workers"), progress=progress, desc=f"evaluate {task} seed {seed}")
             runs[seed] = {"overall": evaluation.overall, "groups": evaluation.groups,
                           "eval_seconds": round(evaluation.seconds, 2)}
             (tmp / seed_folder(seed)).mkdir()
