@@ -7,8 +7,10 @@ The floor is what a Stage-2 step cannot avoid: the plain frozen encoder's forwar
 once per stream on the same batch (the backward reaches every block, as prompts and adapters
 inside the encoder need), with no prompts, LoRA, adapters, fusion or decoder. Our step is the
 method's task model: its encoder passes, fusion, decoder, loss, backward and AdamW step
-(`pipeline.benchmarking.stage2_step`). On a GPU both run under bf16 autocast (the trainer's
-`bf16-mixed`). Goal: step / floor <= 1.2 for tp_mome.
+(`pipeline.benchmarking.stage2_step`). The method's encoder passes alone (prompts, LoRA,
+adapters; forward + backward, no fusion or decoder) are timed too, so the overhead splits into
+the encoder's share and the fusion + decoder's. On a GPU all run under bf16 autocast (the
+trainer's `bf16-mixed`). Goal: step / floor <= 1.2 for tp_mome.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from pipeline.benchmarking import (
     device_name,
     encoder_floor_step,
+    method_encoder_step,
     stage2_setup,
     stage2_step,
     time_side_by_side,
@@ -36,6 +39,7 @@ def measure(method: str, backbone_args: dict, streams: list[str], *, image_size:
     with stage2_setup(backbone_args, streams, method, device, decoder={"embed_dim": decoder_dim}) as setup:
         batch = setup.batch(batch_size, image_size)
         times = time_side_by_side({"floor": lambda: encoder_floor_step(setup, batch),
+                                   "encoder": lambda: method_encoder_step(setup, batch),
                                    "step": lambda: stage2_step(setup, batch)}, device, repeats=repeats, bf16=bf16)
     return {**times, "ratio": times["step"] / times["floor"]}
 
@@ -59,14 +63,15 @@ def main() -> None:
     backbone_args = {"name": args.backbone, **({"embed_dim": args.embed_dim} if args.embed_dim else {})}
     print(f"device: {device_name(device)}; {args.backbone}{f' (embed_dim {args.embed_dim})' if args.embed_dim else ''}, "
           f"random weights, {args.image_size}px, batch {args.batch}, {'bf16 autocast' if bf16 else 'fp32'}")
-    print(f"{'method':<10} {'streams':<22} {'floor ms':>9} {'step ms':>9} {'step/floor':>10}")
+    print(f"{'method':<10} {'streams':<22} {'floor ms':>9} {'encoder ms':>10} {'step ms':>9} {'encoder/floor':>13} "
+          f"{'step/floor':>10}")
     for method in args.methods:
         extra = args.modalities if method == "tp_mome" else 1
         streams = ["rgb", *MODALITIES[:extra]]
         result = measure(method, backbone_args, streams, image_size=args.image_size, batch_size=args.batch,
                          device=device, bf16=bf16, repeats=args.repeats, decoder_dim=args.decoder_dim)
-        print(f"{method:<10} {'+'.join(streams):<22} {result['floor'] * 1000:9.1f} {result['step'] * 1000:9.1f} "
-              f"{result['ratio']:10.2f}")
+        print(f"{method:<10} {'+'.join(streams):<22} {result['floor'] * 1000:9.1f} {result['encoder'] * 1000:10.1f} "
+              f"{result['step'] * 1000:9.1f} {result['encoder'] / result['floor']:13.2f} {result['ratio']:10.2f}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from pipeline.models.backbone import Backbone, create_backbone
 from pipeline.models.lora import LoraSettings, add_lora, export_lora, lora_provenance
 from pipeline.models.masking import keyed_masks
 from pipeline.models.task_losses import segmentation_loss
-from pipeline.training.optim import OptimSettings
+from pipeline.training.optim import OptimSettings, configure_optimizer
 from pipeline.training.psst_module import JointSettings, JointTraining
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # RGB mean / std of timm's Hiera configs
@@ -244,7 +244,7 @@ def stage2_setup(backbone_args: Mapping[str, Any], streams: Sequence[str], metho
                           decoder=dict(decoder or {}), lora_dirs=lora_dirs).to(device).train()
         floor = create_backbone(**backbone_args, weights="random").requires_grad_(False).to(device).train()
         floor.set_activation_checkpointing(activation_checkpointing)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        optimizer = configure_optimizer(model, OptimSettings(), total_steps=1000)["optimizer"]  # as the trainer
         yield Stage2Setup(model, optimizer, floor, list(streams), num_classes, device)
 
 
@@ -265,6 +265,19 @@ def encoder_floor_step(setup: Stage2Setup, batch: Mapping[str, Tensor]) -> None:
     loss = sum(f.float().mean() for s in setup.streams
                for f in setup.floor_encoder(batch[s].detach().requires_grad_()))
     loss.backward()
+
+
+def method_encoder_step(setup: Stage2Setup, batch: Mapping[str, Tensor]) -> None:
+    """The method's encoder passes alone (with its prompts, LoRAs or adapters), forward and
+    backward, without fusion, decoder or optimiser: what separates the encoder's share of a
+    step's overhead from the head's."""
+    model = setup.model
+    with torch.set_grad_enabled(model.method.encoder_trains):
+        features = model.features({s: batch[s] for s in setup.streams})
+    loss = sum(f.float().mean() for maps in features.values() for f in maps)
+    if loss.requires_grad:
+        loss.backward()
+    model.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()

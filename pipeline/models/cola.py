@@ -124,13 +124,18 @@ class CoLAAdapter(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """x (N, ..., in) whose first dim is the batch or the batch's windows (sample-major, as
-        timm partitions them); c (B, C) -> the delta (N, ..., out)."""
-        delta = F.linear(F.linear(x, self.A), self.B) * self.scaling
+        timm partitions them); c (B, C) -> the delta (N, ..., out).
+
+        Both paths run as one down- and one up-projection, [B, B_c] [(alpha/r) A x; s phi A_c x]:
+        x and the output are the large tensors, so reading and writing each once (and scaling
+        the r-wide codes, not the output) is what makes the adapter cheap next to `W x`."""
         if not self.cross:
-            return delta
-        codes = F.linear(x, self.A_c).reshape(len(c), -1, self.rank)  # (B, tokens, r)
-        mixed = codes @ self.phi(c).transpose(1, 2)  # phi A_c x, per token, as rows
-        return delta + F.linear(mixed, self.B_c).reshape(delta.shape) * self.s
+            return F.linear(F.linear(x, self.A) * self.scaling, self.B)
+        codes = F.linear(x, torch.cat([self.A, self.A_c]))  # (N, ..., 2r): [A x; A_c x]
+        lora, cross = codes.split(self.rank, dim=-1)
+        cross = cross.reshape(len(c), -1, self.rank) @ self.phi(c).transpose(1, 2)  # phi A_c x, per token, as rows
+        codes = torch.cat([lora * self.scaling, cross.reshape(lora.shape) * self.s], dim=-1)
+        return F.linear(codes, torch.cat([self.B, self.B_c], dim=1))
 
 
 def _layer_shapes(block: nn.Module) -> dict[str, tuple[int, int, int]]:

@@ -1,0 +1,302 @@
+"""One-shot GPU suite: every step benchmark at the real scale, in one unattended call, into one JSON.
+
+    python benchmarks/gpu_suite.py --out gpu_suite.json              # any machine with a GPU
+    python benchmarks/gpu_suite.py --tiny --out /tmp/tiny.json       # the same code path on a CPU
+
+No downloads: every encoder is randomly initialised (the JSON says so); FLOPs and speed do not
+depend on the weights. Per configuration (Hiera-B+ and Hiera-L, 512 and 1024 px, two and three
+streams, bf16 autocast as the trainer's `bf16-mixed`), the Stage-2 tp_mome step is timed against
+its floor (the plain frozen encoder's forward + backward per stream, `pipeline.benchmarking`),
+with images/s, FLOPs per step counted by `torch.utils.flop_counter`, model FLOP utilisation
+against the device's dense bf16 peak, peak memory, and the largest batch that fits with and
+without activation checkpointing. Then the seed methods' steps, the PSST joint step, subset
+scoring and evaluation (against the plain forward), and, where the MSRS pairs are found
+(`--data`), the loaders against what the Stage-2 step consumes.
+
+Everything runs under a time budget (`--budget`, default 7 minutes of the 8 allowed): sections
+run in order of importance, the JSON is rewritten after every measurement, and what the budget
+did not reach is listed under `skipped`. A measurement that fails is recorded under `errors` and
+the suite goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.benchmarking import (
+    count_flops,
+    device_name,
+    encoder_floor_step,
+    encoder_forward,
+    fits_in_memory,
+    is_out_of_memory,
+    largest_batch,
+    multicrop_batch,
+    peak_flops,
+    peak_memory_bytes,
+    psst_joint_floor_step,
+    psst_joint_module,
+    psst_joint_step,
+    release_memory,
+    stage2_setup,
+    stage2_step,
+    subset_scores,
+    time_side_by_side,
+)
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msrs_rgbt_det"
+MODALITIES = ("thermal", "depth")
+
+
+class Suite:
+    """The run's settings, its results so far, and its clock."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args, self.device = args, device
+        self.bf16 = device.type == "cuda"
+        self.started = time.monotonic()
+        tiny = args.tiny
+        self.backbones = [{"name": "sam2_hiera_tiny", "embed_dim": 16}] if tiny else \
+            [{"name": "sam2_hiera_base_plus"}, {"name": "sam2_hiera_large"}]
+        self.sizes = [64] if tiny else [512, 1024]
+        self.stream_counts = [2, 3]
+        self.repeats = 1 if tiny else args.repeats
+        self.max_batch = 4 if tiny else args.max_batch
+        self.results: dict[str, Any] = {
+            "suite": "xmodal GPU suite (benchmarks/gpu_suite.py)",
+            "device": device_name(device),
+            "device_peak_bf16_flops": peak_flops(device),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "tiny": tiny, "weights": "random initialisation (no downloads): speed and memory only",
+            "precision": "bf16 autocast (bf16-mixed)" if self.bf16 else "fp32",
+            "budget_seconds": args.budget,
+            "stage2": [], "seed_methods": [], "psst_joint": [], "scoring": [], "evaluation": [], "loader": [],
+            "skipped": [], "errors": [],
+        }
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def over_budget(self) -> bool:
+        return self.elapsed() > self.args.budget
+
+    def batch_for(self, size: int) -> int:
+        """The measurement batch: 8 images at 512 px (2 at 1024 px), i.e. a fixed pixel count."""
+        return 2 if self.args.tiny else max(1, 8 * 512**2 // size**2)
+
+    def run(self, section: str, what: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> None:
+        """`measure()` into `results[section]` (with `what` it measured), unless the budget is spent."""
+        if self.over_budget():
+            self.results["skipped"].append({"section": section, **what, "reason": "time budget spent"})
+        else:
+            try:
+                self.results[section].append({**what, **measure()})
+            except Exception as err:  # unattended: record it, go on with the next measurement
+                self.results["errors"].append({"section": section, **what, "error": f"{type(err).__name__}: {err}",
+                                               "traceback": traceback.format_exc(limit=4)})
+            finally:
+                release_memory(self.device)
+        self.write()
+
+    def write(self) -> None:
+        self.results["elapsed_seconds"] = round(self.elapsed(), 1)
+        out = Path(self.args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(self.results, indent=2) + "\n")
+        os.replace(tmp, out)
+
+    def speed(self, steps: dict[str, Callable[[], Any]], measured: str, images: int) -> dict[str, Any]:
+        """Side-by-side times of `steps` (the first is the floor), and for `measured`: images/s,
+        FLOPs, utilisation and peak memory."""
+        times = time_side_by_side(steps, self.device, repeats=self.repeats, bf16=self.bf16)
+        floor_name = next(iter(steps))
+        flops = count_flops(steps[measured], self.device, self.bf16)
+        peak = peak_memory_bytes(steps[measured], self.device, self.bf16)
+        device_peak = self.results["device_peak_bf16_flops"]
+        result = {f"{name}_ms": round(seconds * 1000, 2) for name, seconds in times.items()}
+        result.update({
+            f"{measured}_over_{floor_name}": round(times[measured] / times[floor_name], 3),
+            "images_per_second": round(images / times[measured], 2),
+            "flops_per_step": flops,
+            "achieved_tflops": round(flops / times[measured] / 1e12, 2),
+            "mfu": round(flops / times[measured] / device_peak, 4) if device_peak else None,
+            "peak_memory_gib": round(peak / 2**30, 3) if peak is not None else None,
+        })
+        return result
+
+
+def stage2_config(suite: Suite, backbone: dict[str, Any], size: int, streams: list[str]) -> dict[str, Any]:
+    """tp_mome's step vs floor at the measurement batch, then the largest batch without and with
+    activation checkpointing of every stage."""
+    batch_size = suite.batch_for(size)
+    with stage2_setup(backbone, streams, "tp_mome", suite.device) as setup:
+        result: dict[str, Any] = {"batch": batch_size}
+        try:
+            batch = setup.batch(batch_size, size)
+            result.update(suite.speed({"floor": lambda: encoder_floor_step(setup, batch),
+                                       "step": lambda: stage2_step(setup, batch)}, "step", batch_size))
+            del batch
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            result["out_of_memory_at_batch"] = batch_size
+        setup.release()
+
+        def fits(batch_size: int) -> bool:
+            return fits_in_memory(lambda: stage2_step(setup, setup.batch(batch_size, size)), suite.device,
+                                  suite.bf16, cleanup=setup.release)
+
+        largest = {}
+        for name, stages in (("plain", False), ("activation_checkpointing", True)):
+            setup.model.backbone.set_activation_checkpointing(stages)
+            largest[name] = largest_batch(fits, limit=suite.max_batch)
+        result["largest_batch"] = {**largest, "search_limit": suite.max_batch}
+        return result
+
+
+def seed_method(suite: Suite, method: str, backbone: dict[str, Any], size: int) -> dict[str, Any]:
+    batch_size = suite.batch_for(size)
+    with stage2_setup(backbone, ["rgb", "thermal"], method, suite.device) as setup:
+        batch = setup.batch(batch_size, size)
+        return {"batch": batch_size, **suite.speed({"floor": lambda: encoder_floor_step(setup, batch),
+                                                    "step": lambda: stage2_step(setup, batch)}, "step", batch_size)}
+
+
+def psst_joint(suite: Suite, backbone: dict[str, Any], size: int) -> dict[str, Any]:
+    batch_size = suite.batch_for(size)
+    module = psst_joint_module(backbone, suite.device)
+    batch = multicrop_batch(batch_size, size, 2, suite.device)
+    return {"batch": batch_size, "crops": f"2 x {size}px + 2 x {size // 2}px",
+            **suite.speed({"floor": lambda: psst_joint_floor_step(module, batch),
+                           "step": lambda: psst_joint_step(module, batch)}, "step", batch_size)}
+
+
+def scoring(suite: Suite, backbone: dict[str, Any], size: int, masks: int = 4) -> dict[str, Any]:
+    batch_size = suite.batch_for(size)
+    network = psst_joint_module(backbone, suite.device).network.eval()
+    images = torch.randn(batch_size, 3, size, size, device=suite.device)
+    keys = [f"image{i}" for i in range(batch_size)]
+    result = suite.speed({"forward": lambda: encoder_forward(network.backbone, images),
+                          "scoring": lambda: subset_scores(network, keys, images, masks)}, "scoring", batch_size)
+    return {"batch": batch_size, "masks": masks, "scoring_over_forward_per_mask":
+            round(result["scoring_over_forward"] / masks, 3), **result}
+
+
+def evaluation(suite: Suite, backbone: dict[str, Any], size: int) -> dict[str, Any]:
+    """The task model's inference (tp_mome RGB+T, detection head, post-processing) vs the plain
+    encoder forward of both streams."""
+    batch_size = suite.batch_for(size)
+    decoder = {"architecture": "fcos", "fpn_channels": 256, "strides": [8, 16, 32]}
+    with stage2_setup(backbone, ["rgb", "thermal"], "tp_mome", suite.device, head="detection", num_classes=3,
+                      decoder=decoder) as setup:
+        model, floor = setup.model.eval(), setup.floor_encoder.eval()
+        inputs = {s: torch.randn(batch_size, 3, size, size, device=suite.device) for s in setup.streams}
+
+        @torch.no_grad()
+        def predict() -> None:
+            model(inputs).detections()
+
+        return {"batch": batch_size, **suite.speed(
+            {"forward": lambda: [encoder_forward(floor, x) for x in inputs.values()], "model": predict},
+            "model", batch_size)}
+
+
+def loaders(suite: Suite, data: Path, workers: int, size: int) -> dict[str, Any]:
+    """Stage-2 training loader (real MSRS pairs, paired crops at `size`) images/s in `workers`
+    processes vs the B+ tp_mome step's consumption."""
+    from itertools import islice
+
+    import yaml
+
+    from pipeline.benchmarking import IMAGENET_STATS, shard_msrs_pairs
+    from pipeline.config import compose_params
+    from pipeline.data.loading import shard_keys, shard_urls
+    from pipeline.data.sharding import read_manifest
+    from pipeline.training.task_data import stream_encoders, task_loader
+    from pipeline.training.tasks import training_stream
+
+    batch_size, batches = suite.batch_for(size), 4 if suite.args.tiny else 20
+    modalities = yaml.safe_load(compose_params([]))["modalities"]
+    with tempfile.TemporaryDirectory(prefix="xmodal-suite-") as tmp:
+        shard_msrs_pairs(data, tmp, {"train": 1.0}, workers=min(8, os.cpu_count() or 1))
+        urls = shard_urls(tmp, "train")
+        encoders = stream_encoders(["rgb", "thermal"], modalities, read_manifest(Path(tmp)), urls, IMAGENET_STATS,
+                                   32, progress=False)
+        train = {"image_size": [size, size], "crop_scale": [0.5, 1.0], "samples_per_epoch": batch_size * (batches + 1)}
+        stream = training_stream(encoders, urls, shard_keys(urls), train, head="detection", foreground=[], seed=0)
+        iterator = iter(task_loader(stream, batch_size, workers))
+        next(iterator)  # worker start-up is not throughput
+        start = time.perf_counter()
+        loaded = sum(1 for _ in islice(iterator, batches)) * batch_size / (time.perf_counter() - start)
+    with stage2_setup(suite.backbones[0], ["rgb", "thermal"], "tp_mome", suite.device) as setup:
+        batch = setup.batch(batch_size, size)
+        step = time_side_by_side({"step": lambda: stage2_step(setup, batch)}, suite.device, repeats=suite.repeats,
+                                 bf16=suite.bf16)["step"]
+    consumed = batch_size / step
+    return {"batch": batch_size, "workers": workers, "loader_images_per_second": round(loaded, 2),
+            "step_images_per_second": round(consumed, 2), "loader_over_consumption": round(loaded / consumed, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_suite.json")
+    parser.add_argument("--tiny", action="store_true", help="tiny encoder and images: the plumbing, on any device")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds; later measurements are skipped after it")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=256, help="upper end of the largest-batch search")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MSRS pairs for the loader measurement")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)  # the random-weights warning: the JSON records it once
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast, as a trainer would run
+        torch.backends.cudnn.allow_tf32 = True
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.tiny:
+        parser.error("no GPU here: run with --tiny for the CPU check of the suite's plumbing")
+    suite = Suite(args, device)
+    suite.write()
+
+    small, large = suite.backbones[0], suite.backbones[-1]
+    size = suite.sizes[0]
+    for backbone in suite.backbones:  # the headline table first
+        for image_size in suite.sizes:
+            for count in suite.stream_counts:
+                streams = ["rgb", *MODALITIES[: count - 1]]
+                suite.run("stage2", {"backbone": backbone["name"], "image_size": image_size, "streams": streams,
+                                     "method": "tp_mome"},
+                          lambda b=backbone, s=image_size, st=streams: stage2_config(suite, b, s, st))
+    for method in ("iv_tuning", "cola"):
+        suite.run("seed_methods", {"backbone": small["name"], "image_size": size, "method": method},
+                  lambda m=method: seed_method(suite, m, small, size))
+    for backbone in (small, large):
+        suite.run("psst_joint", {"backbone": backbone["name"], "image_size": size},
+                  lambda b=backbone: psst_joint(suite, b, size))
+    suite.run("scoring", {"backbone": small["name"], "image_size": size}, lambda: scoring(suite, small, size))
+    suite.run("evaluation", {"backbone": small["name"], "image_size": size}, lambda: evaluation(suite, small, size))
+    if args.data.is_dir():
+        suite.run("loader", {"backbone": small["name"], "image_size": size, "data": str(args.data)},
+                  lambda: loaders(suite, args.data, args.workers, size))
+    else:
+        suite.results["skipped"].append({"section": "loader", "reason": f"no MSRS pairs at {args.data} (--data)"})
+    suite.write()
+    print(f"{suite.results['device']}: {len(suite.results['errors'])} errors, {len(suite.results['skipped'])} "
+          f"skipped, {suite.elapsed():.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
