@@ -74,7 +74,7 @@ class Suite:
         self.sizes = [64] if tiny else [512, 1024]
         self.stream_counts = [2, 3]
         self.repeats = 1 if tiny else args.repeats
-        self.max_batch = 4 if tiny else args.max_batch
+        self.max_batch = 2 if tiny else args.max_batch
         self.results: dict[str, Any] = {
             "suite": "xmodal GPU suite (benchmarks/gpu_suite.py)",
             "device": device_name(device),
@@ -283,7 +283,7 @@ def main() -> None:
     for method in ("iv_tuning", "cola"):
         suite.run("seed_methods", {"backbone": small["name"], "image_size": size, "method": method},
                   lambda m=method: seed_method(suite, m, small, size))
-    for backbone in (small, large):
+    for backbone in [small] if small is large else [small, large]:
         suite.run("psst_joint", {"backbone": backbone["name"], "image_size": size},
                   lambda b=backbone: psst_joint(suite, b, size))
     suite.run("scoring", {"backbone": small["name"], "image_size": size}, lambda: scoring(suite, small, size))

@@ -1,4 +1,8 @@
-"""Memory levers trade time for memory and leave the numbers alone (issue 13).
+"""Memory levers trade time for memory (or take a faster path) and leave the numbers alone (issue 13).
+
+Compiled blocks (`memory.compile`) and channels-last weights (`memory.channels_last`) give the
+same loss and gradients as eager NCHW; bf16 autocast (the GPU trainers' `bf16-mixed`) stays
+within bf16's precision of fp32.
 
 Activation checkpointing (`memory.activation_checkpointing`, `Backbone.set_activation_checkpointing`):
 every Stage-2 method's block loop (plain encoder with task LoRA or full fine-tuning, task prompts
@@ -19,9 +23,9 @@ from torch import Tensor, nn
 
 from pipeline.methods.stage2 import TaskModel
 from pipeline.models.backbone import Backbone, create_backbone
-from pipeline.training.trainer import _checkpointed_stages, apply_memory_levers
+from pipeline.training.trainer import ChannelsLast, apply_memory_levers, is_channels_last, memory_levers
 from tests.ddp_equivalence import FixedSamples, build_module
-from tests.test_stage2 import lora_root, method, params  # noqa: F401 (fixtures)
+from tests.test_stage2 import lora_root, make_lora, method, params  # noqa: F401 (fixtures)
 
 SIZE = 64
 FAMILIES = {  # narrow and shallow: the loops, not the widths, are under test
@@ -100,11 +104,12 @@ def test_activation_checkpointing_leaves_loss_and_gradients_equal(params, lora_r
 
 def test_stages_are_checked_and_recorded_and_eval_is_untouched(params, monkeypatch):  # noqa: F811
     hiera = apply_memory_levers(create_backbone(**params["backbone"]),
-                                {"memory": {"activation_checkpointing": [0, 1]}})
+                                {"memory": {"activation_checkpointing": [0, 1], "compile": False}})
     assert hiera.checkpointed_stages == (0, 1)
     stage_of_block = [sum(i > e for e in hiera.model.stage_ends) for i in range(len(hiera.model.blocks))]
     assert [hiera.block_checkpointed(i) for i in range(len(stage_of_block))] == [s < 2 for s in stage_of_block]
-    assert _checkpointed_stages(nn.ModuleDict({"encoder": hiera})) == [0, 1]  # what train.json records
+    recorded = memory_levers(nn.ModuleDict({"encoder": hiera}))  # what train.json records
+    assert recorded == {"activation_checkpointing": [0, 1], "compile": False, "channels_last": False}
     for bad in ([4], [0, 0], [True], "all"):
         with pytest.raises(ValueError, match="activation_checkpointing"):
             hiera.set_activation_checkpointing(bad)
@@ -152,3 +157,86 @@ def test_psst_phases_give_the_same_loss_and_gradients_with_checkpointing(phase):
         assert grads_ckpt.keys() == grads.keys()
         for key, grad in grads.items():
             torch.testing.assert_close(grads_ckpt[key], grad, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def assert_same_step(reference: tuple, other: tuple, rtol: float, atol: float) -> None:
+    loss, grads, _ = reference
+    other_loss, other_grads, _ = other
+    torch.testing.assert_close(other_loss, loss, rtol=rtol, atol=atol)
+    assert other_grads.keys() == grads.keys()
+    for key, grad in grads.items():
+        torch.testing.assert_close(other_grads[key], grad, rtol=rtol, atol=atol, msg=key)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_loss_and_gradients(params, tmp_path):  # noqa: F811
+    """Every block through torch.compile, with prompts and the modality LoRA switched per stream
+    (tp_mome). The backend is dynamo's `eager`: graph capture is where compiling could change what
+    runs (guards on the stream's adapter, the block arguments); inductor's kernels are torch's own.
+    A four-block Hiera keeps the tracing within seconds on a CPU."""
+    from torch._dynamo.utils import counters
+
+    shallow = {**params, "backbone": {**params["backbone"], "stages": (1, 1, 1, 1), "global_att_blocks": (3,)}}
+    make_lora(shallow, tmp_path / "thermal")
+    model = build(shallow, "hiera", "tp_mome", tmp_path)
+    eager = step(model, False)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    model.backbone.set_compile("eager")
+    try:
+        compiled = step(model, False)
+        assert memory_levers(model)["compile"] == "eager"
+    finally:
+        model.backbone.set_compile(False)
+    assert counters["stats"]["unique_graphs"] > graphs  # the blocks did run compiled
+    assert_same_step(eager, compiled, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="compile"):
+        model.backbone.set_compile("no_such_backend")
+
+
+def test_channels_last_gives_the_same_loss_and_gradients(params, lora_root):  # noqa: F811
+    """NHWC weights for every convolution (patch embedding, TP-MoME experts, FCOS towers): the
+    convolutions then run channels-last, and the numbers stay."""
+    torch.manual_seed(0)
+    backbone = create_backbone(**params["backbone"])
+    model = TaskModel(backbone, ["rgb", "thermal"], method(params, "tp_mome"), head="segmentation", num_classes=5,
+                      decoder={"embed_dim": 16}, lora_dirs={"thermal": lora_root / "thermal"}).train()
+    plain = step(model, False)
+    assert not is_channels_last(model)
+    ChannelsLast().setup(None, model, "fit")  # what the callback does to the training module
+    assert is_channels_last(model)
+    layouts = []
+    expert = model.fusion.scales[0].experts[0][2]  # a depthwise 3x3 conv inside TP-MoME
+    hook = expert.register_forward_hook(
+        lambda _, __, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
+    try:
+        converted = step(model, False)
+    finally:
+        hook.remove()
+    assert layouts == [True]
+    assert_same_step(plain, converted, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_stays_within_bf16_precision(params, lora_root):  # noqa: F811
+    """`bf16-mixed` (fp32 weights, bf16 matmuls and convolutions) against fp32 on one step: the loss
+    within 2%, and the whole gradient (every trained tensor, concatenated) within 10% relative
+    error, which is what bf16's 8-bit mantissa allows through a dozen blocks, while the gradient of
+    a differently initialised model is far off. (Per tensor the test would be meaningless: a bias
+    before a norm layer has a gradient of ~0 in fp32, all rounding in bf16.)"""
+    model = build(params, "hiera", "tp_mome", lora_root)
+    loss, grads, _ = step(model, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_bf16, grads_bf16, _ = step(model, False)
+    torch.testing.assert_close(loss_bf16.float(), loss, rtol=2e-2, atol=0)
+
+    def relative_error(other: dict[str, Tensor]) -> float:
+        flat = torch.cat([g.flatten() for g in grads.values()])
+        return float((torch.cat([other[k].flatten().float() for k in grads]) - flat).norm() / flat.norm())
+
+    assert relative_error(grads_bf16) < 0.1
+    other = build(params, "hiera", "tp_mome", lora_root)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter), alpha=0.05)
+    assert relative_error(step(other, False)[1]) > 0.5

@@ -273,6 +273,14 @@ def test_finetune_evaluate_predict_over_two_seeds(params, demo, lora_root, tmp_p
     assert evaluation["weights_description"] == "random initialisation" and evaluation["is_random_init"]
     with Image.open(tmp_path / "eval" / "predictions.png") as figure:
         assert figure.width > 4 * SIZE  # rgb, thermal, ground truth, prediction
+    # decoding in two loader processes (each reads one of the two test shards) changes neither
+    # the scores nor which samples the figure shows
+    again = run_evaluate({**params, "loader": {"num_workers": 2}}, "rgbt_seg", shards, model_dir,
+                         PhaseOutputs(tmp_path / "eval_workers"), progress=False)
+    assert again["runs"]["0"]["overall"] == evaluation["runs"]["0"]["overall"]
+    assert again["groups"] == evaluation["groups"]
+    figures = [(tmp_path / folder / "predictions.png").read_bytes() for folder in ("eval", "eval_workers")]
+    assert figures[0] == figures[1]
 
     summary = predict_folder(seed_dir, {"reader": "paired", "root": str(demo / "raw" / "paired"),
                                         "modalities": ["rgb", "thermal"]}, tmp_path / "pred", splits=["test"],

@@ -142,6 +142,7 @@ def _fit(module: L.LightningModule, stream: TrainStream, *, params: Mapping[str,
         trainer_cfg=trainer_cfg, logger_cfg=params.get("logger"), run_name=f"{phase}/{run.key}",
         run_dirs=run_dirs, tag=tag, epochs=epochs, batch_size=batch_size, curve=curve,
         checkpoint_every_n_steps=run.psst["checkpoint_every_n_steps"],
+        channels_last=section(params, "memory.channels_last"),
     )
 
 

@@ -237,7 +237,7 @@ def fit_task_model(params: Mapping[str, Any], module: L.LightningModule, encoder
         module, stream, task_loader(stream, train["batch_size"], workers), trainer_cfg=trainer_cfg,
         logger_cfg=params.get("logger"), run_name=run_name, run_dirs=run_dirs, tag=tag,
         epochs=train["epochs"], batch_size=train["batch_size"], curve=curve,
-        checkpoint_every_n_steps=train["checkpoint_every_n_steps"],
+        checkpoint_every_n_steps=train["checkpoint_every_n_steps"], channels_last=section(params, "memory.channels_last"),
     )
     return trainer, curve
 

@@ -142,14 +142,16 @@ def fit_resumable(
     batch_size: int,
     curve: LossCurve,
     checkpoint_every_n_steps: int,
+    channels_last: bool = False,
 ) -> L.Trainer:
     """Train `module` on `loader` (over `stream`) with the configured trainer, resuming an
-    interrupted run of the same `tag` from `<checkpoints>/<run_name>/last.ckpt`."""
+    interrupted run of the same `tag` from `<checkpoints>/<run_name>/last.ckpt`;
+    `channels_last` is the `memory.channels_last` lever."""
     checkpoint_dir = run_dirs["checkpoints"] / run_name
     trainer = build_trainer(
         trainer_cfg, logger_cfg, max_epochs=epochs, run_name=run_name, log_dir=run_dirs["logs"],
         checkpoint_dir=checkpoint_dir, tag=tag, checkpoint_every_n_steps=checkpoint_every_n_steps,
-        callbacks=[curve, SetStreamEpoch(stream)],
+        callbacks=[curve, SetStreamEpoch(stream), *([ChannelsLast()] if channels_last else [])],
     )
     resume = resume_point(checkpoint_dir, tag)
     if resume is not None:
@@ -182,9 +184,37 @@ def total_steps(trainer_cfg: Mapping[str, Any], *, epochs: int, samples_per_epoc
 
 
 def apply_memory_levers(backbone: Backbone, params: Mapping[str, Any]) -> Backbone:
-    """The `memory` levers (conf/config.yaml) on a training run's encoder."""
+    """The encoder's `memory` levers (conf/config.yaml): activation checkpointing and compiled
+    blocks. (`memory.channels_last` applies to the whole training module: `ChannelsLast`.)"""
     backbone.set_activation_checkpointing(section(params, "memory.activation_checkpointing"))
+    backbone.set_compile(section(params, "memory.compile"))
     return backbone
+
+
+class ChannelsLast(Callback):
+    """`memory.channels_last`: every 4-D weight of the training module in NHWC layout before the
+    run. A convolution whose weight is channels-last runs (and returns) channels-last, so the
+    patch embedding, the fusion's and decoders' convolutions (FCOS's towers above all) take the
+    layout GPU tensor cores read natively under bf16; Hiera's tokens are NHWC already."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.to(memory_format=torch.channels_last)
+
+
+def is_channels_last(module: torch.nn.Module) -> bool:
+    """Whether the module's spatial convolution weights are channels-last (what was applied)."""
+    weights = [p for p in module.parameters() if p.ndim == 4 and p.shape[-2:] != (1, 1)]
+    return bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+
+
+def memory_levers(module: torch.nn.Module) -> dict[str, Any]:
+    """The memory levers a run applied, as train.json records them."""
+    backbones = [m for m in module.modules() if isinstance(m, Backbone)]
+    return {
+        "activation_checkpointing": sorted({s for b in backbones for s in b.checkpointed_stages}),
+        "compile": next((b.compile_backend for b in backbones if b.compile_backend), False),
+        "channels_last": is_channels_last(module),
+    }
 
 
 def phase_steps(params: Mapping[str, Any], phase: Mapping[str, Any]) -> int:
@@ -210,11 +240,6 @@ def training_scale(trainer: L.Trainer, batch_size: int) -> dict[str, Any]:
     }
 
 
-def _checkpointed_stages(module: torch.nn.Module) -> list[int]:
-    """The encoder stages the run recomputed in backward (what was applied, not what was asked)."""
-    return sorted({s for m in module.modules() if isinstance(m, Backbone) for s in m.checkpointed_stages})
-
-
 def training_metrics(trainer: L.Trainer, curve: LossCurve, batch_size: int, samples_per_epoch: int,
                      keys: Sequence[str]) -> dict[str, Any]:
     """What every training stage records: steps, effective batch, time, throughput, and the
@@ -224,7 +249,7 @@ def training_metrics(trainer: L.Trainer, curve: LossCurve, batch_size: int, samp
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         **training_scale(trainer, batch_size),
-        "activation_checkpointing": _checkpointed_stages(trainer.lightning_module),
+        **memory_levers(trainer.lightning_module),
         "train_seconds": round(curve.seconds, 2),
         "images_per_second": round(trainer.current_epoch * samples_per_epoch / max(curve.seconds, 1e-9), 2),
     }

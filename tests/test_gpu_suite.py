@@ -1,0 +1,91 @@
+"""The one-shot GPU suite end to end in its tiny mode on the CPU (benchmarks/gpu_suite.py), and the
+measuring pieces it is built from (pipeline/benchmarking.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.benchmarking import count_flops, largest_batch, time_side_by_side
+from tests.conftest import REPO, find_shared_data
+
+SECTIONS = ("stage2", "seed_methods", "psst_joint", "scoring", "evaluation", "loader")
+
+
+def small_msrs(root: Path, shared: Path, pairs: int = 8) -> Path:
+    """The MSRS release layout with the first `pairs` real pairs (links, nothing copied)."""
+    source = shared / "msrs_rgbt_det"
+    names = sorted(p.name for p in (source / "visible").iterdir())[:pairs]
+    for folder in ("visible", "infrared", "labels/fusion"):
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            file = name if folder != "labels/fusion" else Path(name).with_suffix(".txt").name
+            (root / folder / file).symlink_to(source / folder / file)
+    return root
+
+
+@pytest.mark.slow
+def test_tiny_suite_runs_every_section_and_writes_one_json(tmp_path):
+    shared = find_shared_data()
+    if shared is None:
+        pytest.fail("the shared data folder (../shared/data) is missing: set XMODAL_SHARED_DATA")
+    data = small_msrs(tmp_path / "msrs", shared)
+    out = tmp_path / "suite.json"
+    run = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--tiny", "--out", str(out), "--data", str(data),
+                          "--workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["errors"] == [] and results["skipped"] == []
+    assert results["tiny"] and "random" in results["weights"] and results["device"].startswith("CPU")
+    stage2 = results["stage2"]
+    assert [len(r["streams"]) for r in stage2] == [2, 3]
+    for row in stage2:
+        assert row["step_ms"] > 0 and row["floor_ms"] > 0
+        assert row["step_over_floor"] == pytest.approx(row["step_ms"] / row["floor_ms"], rel=1e-2)
+        assert row["images_per_second"] == pytest.approx(row["batch"] / row["step_ms"] * 1000, rel=1e-2)
+        assert row["flops_per_step"] > 0 and row["mfu"] is None  # no bf16 peak is known for a CPU
+        assert row["largest_batch"] == {"plain": 2, "activation_checkpointing": 2, "search_limit": 2}
+    assert stage2[1]["flops_per_step"] > stage2[0]["flops_per_step"]  # a third stream costs FLOPs
+    assert {r["method"] for r in results["seed_methods"]} == {"iv_tuning", "cola"}
+    assert all(results[section] for section in SECTIONS)
+    assert results["scoring"][0]["scoring_over_forward"] > 1  # four masked passes cost more than one forward
+    assert results["loader"][0]["loader_images_per_second"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole suite")
+def test_the_real_scale_suite_refuses_a_cpu(tmp_path):
+    """Hiera-L at 1024 px on a CPU would run for hours: the suite says to use --tiny instead."""
+    run = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--out", str(tmp_path / "x.json")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "--tiny" in run.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_largest_batch_finds_the_limit_by_doubling_and_bisection():
+    tried = []
+
+    def fits(batch: int) -> bool:
+        tried.append(batch)
+        return batch <= 37
+
+    assert largest_batch(fits, limit=256, precision=0.0) == 37
+    assert tried[:7] == [1, 2, 4, 8, 16, 32, 64]  # doubling until the first failure, then bisection
+    assert len(tried) <= 7 + 6
+    assert largest_batch(lambda b: b <= 300, limit=256) == 256  # capped by the search limit
+    assert largest_batch(lambda b: False, limit=256) == 0
+
+
+def test_flops_are_counted_by_torch_and_timing_alternates():
+    """A linear layer's forward is 2*B*in*out FLOPs and its backward twice that (torch's counter)."""
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+    assert count_flops(lambda: layer(x), torch.device("cpu")) == 2 * 8 * 64 * 32
+    assert count_flops(lambda: layer(x).sum().backward(), torch.device("cpu")) == 3 * 2 * 8 * 64 * 32
+    order = []
+    times = time_side_by_side({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                              torch.device("cpu"), repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4 and set(times) == {"a", "b"}
