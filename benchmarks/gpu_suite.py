@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from pipeline.benchmarking import (
+    Stage2Setup,
     count_flops,
     device_name,
     encoder_floor_step,
@@ -138,6 +139,13 @@ class Suite:
         return result
 
 
+def step_against_floor(suite: Suite, setup: Stage2Setup, batch_size: int, size: int) -> dict[str, Any]:
+    """The Stage-2 step vs its floor on one random batch (freed on return)."""
+    batch = setup.batch(batch_size, size)
+    return suite.speed({"floor": lambda: encoder_floor_step(setup, batch),
+                        "step": lambda: stage2_step(setup, batch)}, "step", batch_size)
+
+
 def stage2_config(suite: Suite, backbone: dict[str, Any], size: int, streams: list[str]) -> dict[str, Any]:
     """tp_mome's step vs floor at the measurement batch, then the largest batch without and with
     activation checkpointing of every stage."""
@@ -145,10 +153,7 @@ def stage2_config(suite: Suite, backbone: dict[str, Any], size: int, streams: li
     with stage2_setup(backbone, streams, "tp_mome", suite.device) as setup:
         result: dict[str, Any] = {"batch": batch_size}
         try:
-            batch = setup.batch(batch_size, size)
-            result.update(suite.speed({"floor": lambda: encoder_floor_step(setup, batch),
-                                       "step": lambda: stage2_step(setup, batch)}, "step", batch_size))
-            del batch
+            result.update(step_against_floor(suite, setup, batch_size, size))
         except RuntimeError as err:
             if not is_out_of_memory(err):
                 raise
@@ -170,9 +175,7 @@ def stage2_config(suite: Suite, backbone: dict[str, Any], size: int, streams: li
 def seed_method(suite: Suite, method: str, backbone: dict[str, Any], size: int) -> dict[str, Any]:
     batch_size = suite.batch_for(size)
     with stage2_setup(backbone, ["rgb", "thermal"], method, suite.device) as setup:
-        batch = setup.batch(batch_size, size)
-        return {"batch": batch_size, **suite.speed({"floor": lambda: encoder_floor_step(setup, batch),
-                                                    "step": lambda: stage2_step(setup, batch)}, "step", batch_size)}
+        return {"batch": batch_size, **step_against_floor(suite, setup, batch_size, size)}
 
 
 def psst_joint(suite: Suite, backbone: dict[str, Any], size: int) -> dict[str, Any]:

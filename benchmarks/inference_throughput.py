@@ -18,11 +18,8 @@ one to read.
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
-import warnings
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -30,7 +27,10 @@ import yaml
 
 from pipeline.benchmarking import (
     IMAGENET_STATS,
+    add_encoder_arguments,
+    benchmark_device,
     device_name,
+    encoder_from_arguments,
     encoder_forward,
     psst_joint_module,
     shard_msrs_pairs,
@@ -62,19 +62,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=24, help="pairs evaluated (a seeded split of the 240)")
     parser.add_argument("--workers", type=int, default=2, help="evaluation loader processes (loader.num_workers)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--backbone", default="sam2_hiera_tiny")
-    parser.add_argument("--embed-dim", type=int, default=48, help="narrower Hiera (the demo's 48); 0: timm's width")
+    add_encoder_arguments(parser)
     parser.add_argument("--fpn-channels", type=int, default=64)
     parser.add_argument("--score-size", type=int, default=128, help="PSST scoring resolution")
     parser.add_argument("--masks", type=int, default=4, help="masks per image in scoring (psst.select.num_masks)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda"
-    backbone_args = {"name": args.backbone, **({"embed_dim": args.embed_dim} if args.embed_dim else {})}
+    device, bf16 = benchmark_device()
+    backbone_args, encoder = encoder_from_arguments(args)
     modalities = yaml.safe_load(compose_params([]))["modalities"]
     decoder = {"architecture": "fcos", "fpn_channels": args.fpn_channels, "strides": [8, 16, 32]}
     with tempfile.TemporaryDirectory(prefix="xmodal-eval-") as tmp, \
@@ -118,7 +113,7 @@ def main() -> None:
                                     device, repeats=args.repeats, bf16=bf16)
 
     count = len(samples)
-    print(f"device: {device_name(device)}; {args.backbone}{f' (embed_dim {args.embed_dim})' if args.embed_dim else ''}, "
+    print(f"device: {device_name(device)}; {encoder}, "
           f"random weights, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch}")
     print(f"evaluation: {count} real MSRS pairs at 640x480, tp_mome RGB+T, FCOS, COCO mAP by torchmetrics, "
           f"{args.workers} loader workers")

@@ -15,19 +15,19 @@ machine the loader has the CPU to itself.
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
-import warnings
 from itertools import islice
 from pathlib import Path
 
-import torch
 import yaml
 
 from pipeline.benchmarking import (
     IMAGENET_STATS,
+    add_encoder_arguments,
+    benchmark_device,
     device_name,
+    encoder_from_arguments,
     multicrop_batch,
     psst_joint_module,
     psst_joint_step,
@@ -64,16 +64,11 @@ def main() -> None:
     parser.add_argument("--task-size", type=int, nargs=2, default=[224, 288], help="Stage-2 crops H W")
     parser.add_argument("--psst-size", type=int, default=128, help="PSST global crops (locals: half)")
     parser.add_argument("--local-crops", type=int, default=2)
-    parser.add_argument("--backbone", default="sam2_hiera_tiny")
-    parser.add_argument("--embed-dim", type=int, default=48, help="narrower Hiera (the demo's 48); 0: timm's width")
+    add_encoder_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda"
-    backbone_args = {"name": args.backbone, **({"embed_dim": args.embed_dim} if args.embed_dim else {})}
+    device, bf16 = benchmark_device()
+    backbone_args, encoder = encoder_from_arguments(args)
     modalities = yaml.safe_load(compose_params([]))["modalities"]
     with tempfile.TemporaryDirectory(prefix="xmodal-loader-") as tmp:
         shard_msrs_pairs(args.root, tmp, {"train": 1.0})
@@ -100,7 +95,7 @@ def main() -> None:
                                   bf16=bf16)["step"]
 
     print(f"device: {device_name(device)}; loader: {args.workers} workers, batch {args.batch}, real MSRS pairs "
-          f"(640x480 PNG); steps: {args.backbone}{f' (embed_dim {args.embed_dim})' if args.embed_dim else ''}, "
+          f"(640x480 PNG); steps: {encoder}, "
           f"random weights, {'bf16 autocast' if bf16 else 'fp32'}")
     print(f"{'stage':<34} {'loader img/s':>12} {'step img/s':>11} {'loader/step':>11}")
     rows = [(f"Stage 2 tp_mome RGB+T {args.task_size[0]}x{args.task_size[1]}", task_loaded, args.batch / task_step),

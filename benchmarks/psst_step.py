@@ -14,13 +14,12 @@ the step runs in bf16 autocast, and images/s and peak memory are printed too.
 from __future__ import annotations
 
 import argparse
-import logging
-import warnings
-
-import torch
 
 from pipeline.benchmarking import (
+    add_encoder_arguments,
+    benchmark_device,
     device_name,
+    encoder_from_arguments,
     multicrop_batch,
     peak_memory_bytes,
     psst_joint_floor_step,
@@ -32,24 +31,21 @@ from pipeline.benchmarking import (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="sam2_hiera_tiny")
+    add_encoder_arguments(parser, embed_dim=0)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--local-crops", type=int, default=2)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)  # the random-weights warning: the header says so once
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda"
-    module = psst_joint_module({"name": args.backbone}, device, rank=args.rank)
+    device, bf16 = benchmark_device()
+    backbone_args, encoder = encoder_from_arguments(args)
+    module = psst_joint_module(backbone_args, device, rank=args.rank)
     batch = multicrop_batch(args.batch, args.image_size, args.local_crops, device)
     times = time_side_by_side({"floor": lambda: psst_joint_floor_step(module, batch),
                                "step": lambda: psst_joint_step(module, batch)}, device, repeats=args.repeats, bf16=bf16)
 
-    print(f"device: {device_name(device)}; {args.backbone} (random weights), {args.image_size}px globals x2, "
+    print(f"device: {device_name(device)}; {encoder} (random weights), {args.image_size}px globals x2, "
           f"{args.image_size // 2}px locals x{args.local_crops}, batch {args.batch}, {'bf16 autocast' if bf16 else 'fp32'}")
     print(f"floor (plain LoRA student fwd+bwd + teacher fwd): {times['floor'] * 1000:8.1f} ms/step")
     print(f"PSST joint step (masking, decoder, heads, losses, EMA): {times['step'] * 1000:8.1f} ms/step")

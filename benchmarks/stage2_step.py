@@ -16,14 +16,15 @@ trainer's `bf16-mixed`). Goal: step / floor <= 1.2 for tp_mome.
 from __future__ import annotations
 
 import argparse
-import logging
-import warnings
 
 import torch
 
 from pipeline.benchmarking import (
+    add_encoder_arguments,
+    benchmark_device,
     device_name,
     encoder_floor_step,
+    encoder_from_arguments,
     method_encoder_step,
     stage2_setup,
     stage2_step,
@@ -46,8 +47,7 @@ def measure(method: str, backbone_args: dict, streams: list[str], *, image_size:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="sam2_hiera_tiny")
-    parser.add_argument("--embed-dim", type=int, default=48, help="narrower Hiera (the demo's 48); 0: timm's width")
+    add_encoder_arguments(parser)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=["tp_mome", "iv_tuning", "cola"])
@@ -55,14 +55,9 @@ def main() -> None:
     parser.add_argument("--decoder-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)  # the random-weights warning: the header says so once
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda"
-    backbone_args = {"name": args.backbone, **({"embed_dim": args.embed_dim} if args.embed_dim else {})}
-    print(f"device: {device_name(device)}; {args.backbone}{f' (embed_dim {args.embed_dim})' if args.embed_dim else ''}, "
-          f"random weights, {args.image_size}px, batch {args.batch}, {'bf16 autocast' if bf16 else 'fp32'}")
+    device, bf16 = benchmark_device()
+    backbone_args, encoder = encoder_from_arguments(args)
+    print(f"device: {device_name(device)}; {encoder}, random weights, {args.image_size}px, batch {args.batch}, {'bf16 autocast' if bf16 else 'fp32'}")
     print(f"{'method':<10} {'streams':<22} {'floor ms':>9} {'encoder ms':>10} {'step ms':>9} {'encoder/floor':>13} "
           f"{'step/floor':>10}")
     for method in args.methods:

@@ -19,9 +19,12 @@ Pieces every benchmark shares:
 
 from __future__ import annotations
 
+import argparse
 import gc
+import logging
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -76,6 +79,29 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def benchmark_device() -> tuple[torch.device, bool]:
+    """The GPU when there is one, under bf16 autocast as the GPU trainers run (else the CPU in
+    fp32); warnings and the random-weights log are silenced, since a benchmark's header says once
+    that its weights are random."""
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, device.type == "cuda"
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser, embed_dim: int = 48) -> None:
+    """--backbone and --embed-dim: a timm Hiera, by default the demo's narrow Hiera-T."""
+    parser.add_argument("--backbone", default="sam2_hiera_tiny")
+    parser.add_argument("--embed-dim", type=int, default=embed_dim,
+                        help="a narrower Hiera (the demo's is 48); 0: timm's own width")
+
+
+def encoder_from_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """create_backbone's keywords from `add_encoder_arguments`, and their description."""
+    narrow = {"embed_dim": args.embed_dim} if args.embed_dim else {}
+    return {"name": args.backbone, **narrow}, f"{args.backbone}{f' (embed_dim {args.embed_dim})' if narrow else ''}"
 
 
 def synchronize(device: torch.device) -> None:

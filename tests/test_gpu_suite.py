@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.benchmarking import count_flops, largest_batch, time_side_by_side
-from tests.conftest import REPO, find_shared_data
+from tests.conftest import REPO
 
 SECTIONS = ("stage2", "seed_methods", "psst_joint", "scoring", "evaluation", "loader")
 
@@ -30,11 +30,8 @@ def small_msrs(root: Path, shared: Path, pairs: int = 8) -> Path:
 
 
 @pytest.mark.slow
-def test_tiny_suite_runs_every_section_and_writes_one_json(tmp_path):
-    shared = find_shared_data()
-    if shared is None:
-        pytest.fail("the shared data folder (../shared/data) is missing: set XMODAL_SHARED_DATA")
-    data = small_msrs(tmp_path / "msrs", shared)
+def test_tiny_suite_runs_every_section_and_writes_one_json(tmp_path, shared_data):
+    data = small_msrs(tmp_path / "msrs", shared_data)
     out = tmp_path / "suite.json"
     run = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--tiny", "--out", str(out), "--data", str(data),
                           "--workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
