@@ -8,10 +8,10 @@ depend on the weights. Per configuration (Hiera-B+ and Hiera-L, 512 and 1024 px,
 streams, bf16 autocast as the trainer's `bf16-mixed`), the Stage-2 tp_mome step is timed against
 its floor (the plain frozen encoder's forward + backward per stream, `pipeline.benchmarking`),
 with images/s, FLOPs per step counted by `torch.utils.flop_counter`, model FLOP utilisation
-against the device's dense bf16 peak, peak memory, and the largest batch that fits with and
-without activation checkpointing. Then the seed methods' steps, the PSST joint step, subset
-scoring and evaluation (against the plain forward), and, where the MSRS pairs are found
-(`--data`), the loaders against what the Stage-2 step consumes.
+against the device's dense bf16 peak and peak memory. Then the seed methods' steps, the PSST joint
+step, subset scoring and evaluation (against the plain forward), where the MSRS pairs are found
+(`--data`) the loaders against what the Stage-2 step consumes, and last, per configuration, the
+largest batch that fits with and without activation checkpointing (the longest part).
 
 Everything runs under a time budget (`--budget`, default 7 minutes of the 8 allowed): sections
 run in order of importance, the JSON is rewritten after every measurement, and what the budget
@@ -62,6 +62,10 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 MODALITIES = ("thermal", "depth")
 
 
+class BudgetSpent(RuntimeError):
+    """The suite's time budget ran out inside a measurement."""
+
+
 class Suite:
     """The run's settings, its results so far, and its clock."""
 
@@ -84,7 +88,7 @@ class Suite:
             "tiny": tiny, "weights": "random initialisation (no downloads): speed and memory only",
             "precision": "bf16 autocast (bf16-mixed)" if self.bf16 else "fp32",
             "budget_seconds": args.budget,
-            "stage2": [], "seed_methods": [], "psst_joint": [], "scoring": [], "evaluation": [], "loader": [],
+            "stage2": [], "largest_batch": [], "seed_methods": [], "psst_joint": [], "scoring": [], "evaluation": [], "loader": [],
             "skipped": [], "errors": [],
         }
 
@@ -105,6 +109,8 @@ class Suite:
         else:
             try:
                 self.results[section].append({**what, **measure()})
+            except BudgetSpent as err:
+                self.results["skipped"].append({"section": section, **what, "reason": str(err)})
             except Exception as err:  # unattended: record it, go on with the next measurement
                 self.results["errors"].append({"section": section, **what, "error": f"{type(err).__name__}: {err}",
                                                "traceback": traceback.format_exc(limit=4)})
@@ -147,29 +153,32 @@ def step_against_floor(suite: Suite, setup: Stage2Setup, batch_size: int, size: 
 
 
 def stage2_config(suite: Suite, backbone: dict[str, Any], size: int, streams: list[str]) -> dict[str, Any]:
-    """tp_mome's step vs floor at the measurement batch, then the largest batch without and with
-    activation checkpointing of every stage."""
+    """tp_mome's step vs floor at the measurement batch."""
     batch_size = suite.batch_for(size)
     with stage2_setup(backbone, streams, "tp_mome", suite.device) as setup:
-        result: dict[str, Any] = {"batch": batch_size}
         try:
-            result.update(step_against_floor(suite, setup, batch_size, size))
+            return {"batch": batch_size, **step_against_floor(suite, setup, batch_size, size)}
         except RuntimeError as err:
             if not is_out_of_memory(err):
                 raise
-            result["out_of_memory_at_batch"] = batch_size
-        setup.release()
+            return {"batch": batch_size, "out_of_memory": True}
 
+
+def stage2_largest_batch(suite: Suite, backbone: dict[str, Any], size: int, streams: list[str]) -> dict[str, Any]:
+    """The largest tp_mome training batch that fits, without and with activation checkpointing of
+    every stage (the search stops with BudgetSpent when the suite's time is up)."""
+    with stage2_setup(backbone, streams, "tp_mome", suite.device) as setup:
         def fits(batch_size: int) -> bool:
+            if suite.over_budget():
+                raise BudgetSpent(f"time budget spent while trying batch {batch_size}")
             return fits_in_memory(lambda: stage2_step(setup, setup.batch(batch_size, size)), suite.device,
                                   suite.bf16, cleanup=setup.release)
 
         largest = {}
         for name, stages in (("plain", False), ("activation_checkpointing", True)):
             setup.model.backbone.set_activation_checkpointing(stages)
-            largest[name] = largest_batch(fits, limit=suite.max_batch)
-        result["largest_batch"] = {**largest, "search_limit": suite.max_batch}
-        return result
+            largest[name] = largest_batch(fits, limit=suite.max_batch, precision=0.25)
+        return {**largest, "search_limit": suite.max_batch, "precision": "within 25% below the true limit"}
 
 
 def seed_method(suite: Suite, method: str, backbone: dict[str, Any], size: int) -> dict[str, Any]:
@@ -259,7 +268,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny encoder and images: the plumbing, on any device")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds; later measurements are skipped after it")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-batch", type=int, default=256, help="upper end of the largest-batch search")
+    parser.add_argument("--max-batch", type=int, default=128, help="upper end of the largest-batch search")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MSRS pairs for the loader measurement")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")
     args = parser.parse_args()
@@ -276,13 +285,12 @@ def main() -> None:
 
     small, large = suite.backbones[0], suite.backbones[-1]
     size = suite.sizes[0]
-    for backbone in suite.backbones:  # the headline table first
-        for image_size in suite.sizes:
-            for count in suite.stream_counts:
-                streams = ["rgb", *MODALITIES[: count - 1]]
-                suite.run("stage2", {"backbone": backbone["name"], "image_size": image_size, "streams": streams,
-                                     "method": "tp_mome"},
-                          lambda b=backbone, s=image_size, st=streams: stage2_config(suite, b, s, st))
+    configs = [(backbone, image_size, ["rgb", *MODALITIES[: count - 1]]) for backbone in suite.backbones
+               for image_size in suite.sizes for count in suite.stream_counts]
+    for backbone, image_size, streams in configs:  # the headline table first
+        suite.run("stage2", {"backbone": backbone["name"], "image_size": image_size, "streams": streams,
+                             "method": "tp_mome"},
+                  lambda b=backbone, s=image_size, st=streams: stage2_config(suite, b, s, st))
     for method in ("iv_tuning", "cola"):
         suite.run("seed_methods", {"backbone": small["name"], "image_size": size, "method": method},
                   lambda m=method: seed_method(suite, m, small, size))
@@ -296,6 +304,10 @@ def main() -> None:
                   lambda: loaders(suite, args.data, args.workers, size))
     else:
         suite.results["skipped"].append({"section": "loader", "reason": f"no MSRS pairs at {args.data} (--data)"})
+    for backbone, image_size, streams in configs:  # the batch searches last: the longest part
+        suite.run("largest_batch", {"backbone": backbone["name"], "image_size": image_size, "streams": streams,
+                                    "method": "tp_mome"},
+                  lambda b=backbone, s=image_size, st=streams: stage2_largest_batch(suite, b, s, st))
     suite.write()
     print(f"{suite.results['device']}: {len(suite.results['errors'])} errors, {len(suite.results['skipped'])} "
           f"skipped, {suite.elapsed():.0f} s; results in {args.out}")

@@ -171,7 +171,7 @@ def assert_same_step(reference: tuple, other: tuple, rtol: float, atol: float) -
 @pytest.mark.slow
 def test_compiled_blocks_give_the_same_loss_and_gradients(params, tmp_path):  # noqa: F811
     """Every block through torch.compile, with prompts and the modality LoRA switched per stream
-    (tp_mome). The backend is dynamo's `eager`: graph capture is where compiling could change what
+    (tp_mome), alone and inside activation checkpointing. The backend is dynamo's `eager`: graph capture is where compiling could change what
     runs (guards on the stream's adapter, the block arguments); inductor's kernels are torch's own.
     A four-block Hiera keeps the tracing within seconds on a CPU."""
     from torch._dynamo.utils import counters
@@ -186,10 +186,12 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(params, tmp_path):  # 
     try:
         compiled = step(model, False)
         assert memory_levers(model)["compile"] == "eager"
+        compiled_and_checkpointed = step(model, [1, 3])  # recomputed in backward, compiled again
     finally:
         model.backbone.set_compile(False)
     assert counters["stats"]["unique_graphs"] > graphs  # the blocks did run compiled
     assert_same_step(eager, compiled, rtol=1e-5, atol=1e-6)
+    assert_same_step(eager, compiled_and_checkpointed, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="compile"):
         model.backbone.set_compile("no_such_backend")
 
