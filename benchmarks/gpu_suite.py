@@ -45,6 +45,7 @@ from pipeline.benchmarking import (
     fits_in_memory,
     is_out_of_memory,
     largest_batch,
+    loader_images_per_second,
     multicrop_batch,
     peak_flops,
     peak_memory_bytes,
@@ -52,9 +53,12 @@ from pipeline.benchmarking import (
     psst_joint_module,
     psst_joint_step,
     release_memory,
+    rgbt_encoders,
+    shard_msrs_pairs,
     stage2_setup,
     stage2_step,
     subset_scores,
+    task_training_loader,
     time_side_by_side,
 )
 
@@ -229,30 +233,13 @@ def evaluation(suite: Suite, backbone: dict[str, Any], size: int) -> dict[str, A
 def loaders(suite: Suite, data: Path, workers: int, size: int) -> dict[str, Any]:
     """Stage-2 training loader (real MSRS pairs, paired crops at `size`) images/s in `workers`
     processes vs the B+ tp_mome step's consumption."""
-    from itertools import islice
-
-    import yaml
-
-    from pipeline.benchmarking import IMAGENET_STATS, shard_msrs_pairs
-    from pipeline.config import compose_params
-    from pipeline.data.loading import shard_keys, shard_urls
-    from pipeline.data.sharding import read_manifest
-    from pipeline.training.task_data import stream_encoders, task_loader
-    from pipeline.training.tasks import training_stream
-
     batch_size, batches = suite.batch_for(size), 4 if suite.args.tiny else 20
-    modalities = yaml.safe_load(compose_params([]))["modalities"]
     with tempfile.TemporaryDirectory(prefix="xmodal-suite-") as tmp:
         shard_msrs_pairs(data, tmp, {"train": 1.0}, workers=min(8, os.cpu_count() or 1))
-        urls = shard_urls(tmp, "train")
-        encoders = stream_encoders(["rgb", "thermal"], modalities, read_manifest(Path(tmp)), urls, IMAGENET_STATS,
-                                   32, progress=False)
-        train = {"image_size": [size, size], "crop_scale": [0.5, 1.0], "samples_per_epoch": batch_size * (batches + 1)}
-        stream = training_stream(encoders, urls, shard_keys(urls), train, head="detection", foreground=[], seed=0)
-        iterator = iter(task_loader(stream, batch_size, workers))
-        next(iterator)  # worker start-up is not throughput
-        start = time.perf_counter()
-        loaded = sum(1 for _ in islice(iterator, batches)) * batch_size / (time.perf_counter() - start)
+        urls, _, encoders = rgbt_encoders(Path(tmp), "train")
+        loaded = loader_images_per_second(task_training_loader(
+            encoders, urls, size=[size, size], batch_size=batch_size, batches=batches, workers=workers),
+            batch_size, batches)
     with stage2_setup(suite.backbones[0], ["rgb", "thermal"], "tp_mome", suite.device) as setup:
         batch = setup.batch(batch_size, size)
         step = time_side_by_side({"step": lambda: stage2_step(setup, batch)}, suite.device, repeats=suite.repeats,

@@ -19,41 +19,27 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from pipeline.benchmarking import (
-    IMAGENET_STATS,
     add_encoder_arguments,
     benchmark_device,
     device_name,
     encoder_from_arguments,
     encoder_forward,
     psst_joint_module,
+    rgbt_encoders,
     shard_msrs_pairs,
     stage2_setup,
     subset_scores,
-    synchronize,
     time_side_by_side,
 )
-from pipeline.config import compose_params
-from pipeline.data.loading import shard_urls
-from pipeline.data.sharding import read_manifest
-from pipeline.training.task_data import TaskSample, collate_task, stream_encoders, task_eval_stream
+from pipeline.training.task_data import TaskSample, collate_task, task_eval_stream
 from pipeline.training.tasks import evaluate_model
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msrs_rgbt_det"
-
-
-def timed(fn, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -70,15 +56,13 @@ def main() -> None:
     args = parser.parse_args()
     device, bf16 = benchmark_device()
     backbone_args, encoder = encoder_from_arguments(args)
-    modalities = yaml.safe_load(compose_params([]))["modalities"]
     decoder = {"architecture": "fcos", "fpn_channels": args.fpn_channels, "strides": [8, 16, 32]}
     with tempfile.TemporaryDirectory(prefix="xmodal-eval-") as tmp, \
             stage2_setup(backbone_args, ["rgb", "thermal"], "tp_mome", device, head="detection", num_classes=3,
                          decoder=decoder) as setup:
         fraction = args.images / 240
         shard_msrs_pairs(args.root, tmp, {"test": fraction, "rest": 1 - fraction})
-        urls, manifest = shard_urls(tmp, "test"), read_manifest(Path(tmp))
-        encoders = stream_encoders(["rgb", "thermal"], modalities, manifest, urls, IMAGENET_STATS, 32, progress=False)
+        urls, manifest, encoders = rgbt_encoders(Path(tmp), "test")
         transform = TaskSample(encoders, head="detection", geometry=None)
         model, floor = setup.model.eval(), setup.floor_encoder.eval()
         samples = list(task_eval_stream(urls, transform))

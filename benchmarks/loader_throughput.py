@@ -16,43 +16,28 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
-from itertools import islice
 from pathlib import Path
 
-import yaml
-
 from pipeline.benchmarking import (
-    IMAGENET_STATS,
     add_encoder_arguments,
     benchmark_device,
     device_name,
     encoder_from_arguments,
+    loader_images_per_second,
     multicrop_batch,
     psst_joint_module,
     psst_joint_step,
+    rgbt_encoders,
     shard_msrs_pairs,
     stage2_setup,
     stage2_step,
+    task_training_loader,
     time_side_by_side,
+    untimed_batches,
 )
-from pipeline.config import compose_params
-from pipeline.data.loading import shard_keys, shard_urls
-from pipeline.data.sharding import read_manifest
 from pipeline.training.psst_data import MultiCrop, loader, multicrop_stream
-from pipeline.training.task_data import stream_encoders, task_loader
-from pipeline.training.tasks import training_stream
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msrs_rgbt_det"
-
-
-def loader_images_per_second(batches, batch_size: int, count: int) -> float:
-    """Images/s of `count` batches after the first (worker start-up is not throughput)."""
-    iterator = iter(batches)
-    next(iterator)
-    start = time.perf_counter()
-    done = sum(1 for _ in islice(iterator, count))
-    return done * batch_size / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -69,19 +54,15 @@ def main() -> None:
     args = parser.parse_args()
     device, bf16 = benchmark_device()
     backbone_args, encoder = encoder_from_arguments(args)
-    modalities = yaml.safe_load(compose_params([]))["modalities"]
     with tempfile.TemporaryDirectory(prefix="xmodal-loader-") as tmp:
         shard_msrs_pairs(args.root, tmp, {"train": 1.0})
-        urls, manifest = shard_urls(tmp, "train"), read_manifest(Path(tmp))
-        encoders = stream_encoders(["rgb", "thermal"], modalities, manifest, urls, IMAGENET_STATS, 32,
-                                   progress=False)
-        epoch = args.batch * (args.batches + 1)
-        train = {"image_size": args.task_size, "crop_scale": [0.5, 1.0], "samples_per_epoch": epoch}
-        task_stream = training_stream(encoders, urls, shard_keys(urls), train, head="detection", foreground=[], seed=0)
-        task_loaded = loader_images_per_second(task_loader(task_stream, args.batch, args.workers), args.batch,
-                                               args.batches)
+        urls, _, encoders = rgbt_encoders(Path(tmp), "train")
+        task_loaded = loader_images_per_second(
+            task_training_loader(encoders, urls, size=args.task_size, batch_size=args.batch, batches=args.batches,
+                                 workers=args.workers), args.batch, args.batches)
         multicrop = MultiCrop(encoders["thermal"], global_size=[args.psst_size] * 2,
                               local_size=[args.psst_size // 2] * 2, local_crops=args.local_crops)
+        epoch = args.batch * (args.batches + untimed_batches(args.workers))
         psst_stream = multicrop_stream(urls, multicrop, epoch_samples=epoch)
         psst_loaded = loader_images_per_second(loader(psst_stream, args.batch, args.workers), args.batch, args.batches)
 

@@ -20,6 +20,7 @@ Pieces every benchmark shares:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import statistics
@@ -27,17 +28,22 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import compose_params
+from pipeline.data.loading import shard_keys, shard_urls
 from pipeline.data.readers import build_reader
-from pipeline.data.sharding import shard_dataset
+from pipeline.data.sharding import read_manifest, shard_dataset
 from pipeline.data.types import RGB
 from pipeline.methods.psst import HeadSettings, PSSTNetwork, mask_grid, reconstruction_scores
 from pipeline.methods.stage2 import MethodSettings, TaskModel
@@ -46,9 +52,10 @@ from pipeline.models.lora import LoraSettings, add_lora, export_lora, lora_prove
 from pipeline.models.masking import keyed_masks
 from pipeline.models.task_losses import segmentation_loss
 from pipeline.training.optim import OptimSettings, configure_optimizer
+from pipeline.training.psst_data import EncodeImage
 from pipeline.training.psst_module import JointSettings, JointTraining
-
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # RGB mean / std of timm's Hiera configs
+from pipeline.training.task_data import stream_encoders, task_loader
+from pipeline.training.tasks import training_stream
 
 # Dense bf16 tensor-core peak of known accelerators (vendor data sheets, no sparsity), matched by
 # substring of `torch.cuda.get_device_name`; MFU is left out on devices not listed.
@@ -199,11 +206,10 @@ def fits_in_memory(step: Callable[[], Any], device: torch.device, bf16: bool = F
         release_memory(device)
 
 
-def default_methods(config_dir: Path | str = "conf") -> dict[str, Any]:
-    """The `methods` section of the default composition (conf/method/*.yaml)."""
-    import yaml
-
-    return yaml.safe_load(compose_params([], config_dir))["methods"]
+@functools.cache
+def default_params() -> dict[str, Any]:
+    """The default composition of conf/ (methods, modalities), composed once per process."""
+    return yaml.safe_load(compose_params([]))
 
 
 def identity_lora_dirs(backbone_args: Mapping[str, Any], streams: Sequence[str], root: Path,
@@ -251,26 +257,59 @@ def shard_msrs_pairs(root: Path | str, out_dir: Path | str, splits: Mapping[str,
     shard_dataset(reader, Path(out_dir), name="msrs", min_shards_per_split=2, workers=workers, progress=False)
 
 
+def rgbt_encoders(shard_dir: Path, split: str) -> tuple[list[str], dict[str, Any], dict[str, EncodeImage]]:
+    """(shard urls, manifest, RGB + thermal encoders) of a sharded split, encoded as a task would
+    (the default thermal encoding; its mean/std measured on 32 images)."""
+    urls, manifest = shard_urls(shard_dir, split), read_manifest(shard_dir)
+    rgb_stats = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)  # what timm's Hiera configs normalise RGB with
+    encoders = stream_encoders([RGB, "thermal"], default_params()["modalities"], manifest, urls, rgb_stats, 32,
+                               progress=False)
+    return urls, manifest, encoders
+
+
+def untimed_batches(workers: int) -> int:
+    """Batches a loader has ready before its steady state: the first, plus what its workers
+    prefetched while it started (DataLoader's default prefetch_factor, 2 per worker)."""
+    return 1 + 2 * workers
+
+
+def task_training_loader(encoders: Mapping[str, EncodeImage], urls: Sequence[str], *, size: Sequence[int],
+                         batch_size: int, batches: int, workers: int) -> DataLoader:
+    """The Stage-2 training loader (paired crops at `size`, detection targets) with `batches`
+    batches past the untimed ones."""
+    samples = batch_size * (batches + untimed_batches(workers))
+    train = {"image_size": list(size), "crop_scale": [0.5, 1.0], "samples_per_epoch": samples}
+    stream = training_stream(encoders, urls, shard_keys(urls), train, head="detection", foreground=[], seed=0)
+    return task_loader(stream, batch_size, workers)
+
+
+def loader_images_per_second(loader: DataLoader, batch_size: int, count: int) -> float:
+    """Images/s of `count` batches after the untimed ones: worker start-up and the batches
+    prefetched meanwhile would count work done before the clock started."""
+    iterator = iter(loader)
+    for _ in range(untimed_batches(loader.num_workers)):
+        next(iterator)
+    start = time.perf_counter()
+    done = sum(1 for _ in islice(iterator, count))
+    return done * batch_size / (time.perf_counter() - start)
+
+
 @contextmanager
 def stage2_setup(backbone_args: Mapping[str, Any], streams: Sequence[str], method: str, device: torch.device, *,
-                 methods: Mapping[str, Any] | None = None, head: str = "segmentation", num_classes: int = 9,
-                 decoder: Mapping[str, Any] | None = None,
-                 activation_checkpointing: bool | Sequence[int] = False) -> Iterator[Stage2Setup]:
-    """A Stage-2 task model of `method` (conf/method/<method>.yaml unless `methods` is given) with
-    a `head` decoder on a randomly initialised encoder built from `backbone_args`
+                 head: str = "segmentation", num_classes: int = 9,
+                 decoder: Mapping[str, Any] | None = None) -> Iterator[Stage2Setup]:
+    """A Stage-2 task model of `method` (conf/method/<method>.yaml) with a `head` decoder on a randomly initialised encoder built from `backbone_args`
     (create_backbone's keywords), with identity modality LoRAs where the method loads them, in
     train mode on `device`; `decoder` holds the head's options."""
     import tempfile
 
-    settings = MethodSettings.from_config((methods or default_methods())[method])
+    settings = MethodSettings.from_config(default_params()["methods"][method])
     with tempfile.TemporaryDirectory(prefix="xmodal-bench-") as tmp:
         lora_dirs = identity_lora_dirs(backbone_args, streams, Path(tmp)) if settings.modality_loras else {}
         backbone = create_backbone(**backbone_args, weights="random")
-        backbone.set_activation_checkpointing(activation_checkpointing)
         model = TaskModel(backbone, list(streams), settings, head=head, num_classes=num_classes,
                           decoder=dict(decoder or {}), lora_dirs=lora_dirs).to(device).train()
         floor = create_backbone(**backbone_args, weights="random").requires_grad_(False).to(device).train()
-        floor.set_activation_checkpointing(activation_checkpointing)
         optimizer = configure_optimizer(model, OptimSettings(), total_steps=1000)["optimizer"]  # as the trainer
         yield Stage2Setup(model, optimizer, floor, list(streams), num_classes, device)
 
@@ -314,12 +353,10 @@ def encoder_forward(encoder: Backbone, images: Tensor) -> list[Tensor]:
 
 
 def psst_joint_module(backbone_args: Mapping[str, Any], device: torch.device, *, rank: int = 32,
-                      decoder_dim: int = 128, head: Sequence[int] = (512, 128, 4096),
-                      activation_checkpointing: bool | Sequence[int] = False) -> JointTraining:
+                      decoder_dim: int = 128, head: Sequence[int] = (512, 128, 4096)) -> JointTraining:
     """PSST's joint-phase module (student with LoRA, MAE decoder, DINO head, EMA teacher) on a
     randomly initialised encoder, in train mode on `device`."""
     backbone = create_backbone(**backbone_args, weights="random")
-    backbone.set_activation_checkpointing(activation_checkpointing)
     network = PSSTNetwork(backbone, LoraSettings(rank=rank), decoder_dim=decoder_dim, head=HeadSettings(*head))
     module = JointTraining(network, joint=JointSettings(), total_steps=1000, optim=OptimSettings(),
                            mask_ratio=0.6, normalize_targets=True, seed=0)
