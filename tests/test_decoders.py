@@ -19,6 +19,19 @@ def features(batch: int = 2, size: int = 16) -> list[torch.Tensor]:
     return [torch.randn(batch, c, size // 2**i, size // 2**i, generator=g) for i, c in enumerate(CHANNELS)]
 
 
+def concat_then_fuse(head: AllMLPHead, feats: list[torch.Tensor]) -> torch.Tensor:
+    """SegFormer's head as its paper reads: project, upsample to stride 4, concatenate, fuse
+    (BatchNorm in its current mode), classify; no dropout."""
+    up = [
+        F.interpolate(F.conv2d(f, p.weight, p.bias), size=feats[0].shape[-2:], mode="bilinear", align_corners=False)
+        for p, f in zip(head.project, feats)
+    ]
+    bn = head.fuse[1]
+    fused = F.batch_norm(F.conv2d(torch.cat(up, dim=1), head.fuse[0].weight), bn.running_mean, bn.running_var,
+                         bn.weight, bn.bias, training=head.training, eps=bn.eps)
+    return F.conv2d(F.relu(fused), head.classify.weight, head.classify.bias)
+
+
 def test_heads_predict_at_stride_4_or_the_requested_size():
     head = AllMLPHead(CHANNELS, num_classes=5, embed_dim=8)
     assert head(features()).shape == (2, 5, 16, 16)
@@ -44,21 +57,31 @@ def test_head_matches_a_direct_computation_and_uses_every_scale():
         head.fuse[1].running_mean.normal_()
         head.fuse[1].running_var.uniform_(0.5, 2.0)
     feats = features()
-    up = [
-        F.interpolate(F.conv2d(f, p.weight, p.bias), size=(16, 16), mode="bilinear", align_corners=False)
-        for p, f in zip(head.project, feats)
-    ]
-    fused = F.conv2d(torch.cat(up, dim=1), head.fuse[0].weight)
-    bn = head.fuse[1]
-    fused = F.relu(F.batch_norm(fused, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
-    expected = F.conv2d(fused, head.classify.weight, head.classify.bias)
     with torch.no_grad():
+        expected = concat_then_fuse(head, feats)
         logits = head(feats)
         torch.testing.assert_close(logits, expected)
         torch.testing.assert_close(head(feats, (32, 32)), F.interpolate(expected, (32, 32), mode="bilinear"))
         for i in range(len(CHANNELS)):
             zeroed = [torch.zeros_like(f) if j == i else f for j, f in enumerate(feats)]
             assert not torch.allclose(head(zeroed), logits)
+
+
+def test_head_trains_as_the_concat_then_fuse_reading():
+    """The head fuses each scale before upsampling (linear maps commute): in training (batch
+    statistics) the loss and every parameter's gradient equal SegFormer's concat-then-fuse."""
+    torch.manual_seed(0)
+    head = AllMLPHead(CHANNELS, num_classes=3, embed_dim=8, dropout=0.0).train()
+    feats = features()
+    target = torch.randint(0, 3, (2, 16, 16))
+    grads = []
+    for forward in (head, lambda f: concat_then_fuse(head, f)):
+        loss = segmentation_loss(forward(feats), target)
+        grads.append((loss.detach(), torch.autograd.grad(loss, list(head.parameters()))))
+    (loss, got), (want_loss, want) = grads
+    torch.testing.assert_close(loss, want_loss)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_segmentation_loss_is_cross_entropy_with_ignore_index():

@@ -28,17 +28,12 @@ def tp_mome(gating: str = "anchor", **kwargs) -> TPMoME:
     return module
 
 
-def expert_outputs(module: TPMoME, feats: dict) -> list[torch.Tensor]:
-    """Each expert's output as seen inside the module's forward, caught with forward hooks."""
-    caught = {}
-    hooks = [
-        e.register_forward_hook(lambda _m, _i, out, k=k: caught.__setitem__(k, out))
-        for k, e in enumerate(module.experts)
-    ]
-    module(feats)
-    for h in hooks:
-        h.remove()
-    return [caught[k] for k in range(len(module.experts))]
+def expert_outputs(module: TPMoME, feats: dict, present: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The experts run one by one, as the equations read: E_0(R_cat), E_m(R_cat * mask_m) (the
+    reference that the module's fused `mixture` must equal)."""
+    active = module.presence(present, feats[STREAMS[0]])
+    r_cat = module.concat([feats[s] for s in STREAMS], active)
+    return [module.experts[0](r_cat)] + [expert(module.only(r_cat, m)) for m, expert in enumerate(module.experts[1:])]
 
 
 @pytest.mark.parametrize("gating", ["anchor", "softmax", "mean", "residual"])
@@ -80,19 +75,23 @@ def test_expert_gradients_reach_only_their_stream():
 
 @pytest.mark.parametrize("gating", ["anchor", "softmax", "mean", "residual"])
 def test_output_is_the_documented_combination_of_experts(gating):
+    """The fused forward (three convolutions for all experts) equals the experts run one by one
+    and mixed as the module docstring writes it, for samples with a stream missing too."""
     module = tp_mome(gating).eval()
     feats = features()
-    outs = expert_outputs(module, feats)
-    out, beta = module(feats), module.last_gates
+    present = torch.tensor([[True, True, True], [True, False, True], [False, False, True]])
+    outs = expert_outputs(module, feats, present)
+    out, beta = module(feats, present), module.last_gates
     weighted = [
         beta[:, k, None, None, None] * o for k, o in enumerate(outs[1:] if gating == "anchor" else outs)
     ]
     expected = outs[0] + sum(weighted) if gating == "anchor" else sum(weighted)
-    if gating == "residual":  # the anchor: one 1x1 conv over the concatenated streams
-        expected = expected + module.anchor.mix(torch.cat([feats[s] for s in STREAMS], dim=1))
+    if gating == "residual":  # the anchor: one 1x1 conv over the concatenated present streams
+        expected = expected + module.anchor.mix(torch.cat(
+            [feats[s] * present[:, m, None, None, None] for m, s in enumerate(STREAMS)], dim=1))
     torch.testing.assert_close(out, expected)
     if gating == "mean":
-        assert torch.equal(beta, torch.full((3, 4), 0.25))
+        assert torch.equal(beta, torch.tensor([[0.25] * 4, [1 / 3, 1 / 3, 0, 1 / 3], [0.5, 0, 0, 0.5]]))
     else:  # a real gate: per-sample weights that differ between samples
         assert not torch.allclose(beta[0], beta[1])
 

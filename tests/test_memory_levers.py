@@ -208,8 +208,8 @@ def test_channels_last_gives_the_same_loss_and_gradients(params, lora_root):  # 
     ChannelsLast().setup(None, model, "fit")  # what the callback does to the training module
     assert is_channels_last(model)
     layouts = []
-    expert = model.fusion.scales[0].experts[0][2]  # a depthwise 3x3 conv inside TP-MoME
-    hook = expert.register_forward_hook(
+    projection = model.fusion.scales[0].project[0][0]  # a 1x1 conv inside TP-MoME
+    hook = projection.register_forward_hook(
         lambda _, __, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
     try:
         converted = step(model, False)

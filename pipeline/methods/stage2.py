@@ -15,7 +15,8 @@ the same code path and the same data:
 
 The RGB stream never gets a modality LoRA (the encoder is an RGB model). Adapters live in
 one peft model over the shared encoder and are switched per stream (`use_adapter`), so the
-frozen weights exist once however many streams run. IV-tuning and CoLA (the seed methods,
+frozen weights exist once however many streams run; frozen modality LoRAs run merged
+(`MergedAdapters`: one copy of the adapted qkv weights per modality, no extra matmuls). IV-tuning and CoLA (the seed methods,
 pipeline/models/iv_tuning.py and cola.py) take RGB + one auxiliary stream, in that order.
 """
 
@@ -39,7 +40,7 @@ from pipeline.models.cola import CoLA
 from pipeline.models.decoders import build_decoder
 from pipeline.models.fusion import MultiScaleFusion
 from pipeline.models.iv_tuning import IVTuning
-from pipeline.models.lora import LoraSettings, add_lora, load_lora, use_adapter
+from pipeline.models.lora import LoraSettings, MergedAdapters, add_lora, load_lora, use_adapter
 from pipeline.models.prompts import TaskPrompts
 
 IV_TUNING_STREAM = "prompted_rgb"
@@ -104,6 +105,8 @@ class TaskModel(nn.Module):
         backbone.requires_grad_(method.train_encoder)
         self.adapters: dict[str, str | None] = {stream: None for stream in self.streams}
         self.__dict__["peft"] = self._add_adapters(method, lora_dirs or {})
+        modality_adapters = [name for name in self.adapters.values() if name is not None] if method.modality_loras else []
+        self.__dict__["merged"] = MergedAdapters(self.peft, modality_adapters) if modality_adapters else None
         self.prompts = TaskPrompts(backbone, self.streams, method.prompts) if method.prompts > 0 else None
         if method.seed_method and (len(self.streams) != 2 or self.streams[0] != RGB):
             raise ValueError(f"method {method.name!r} takes streams [rgb, <modality>], got {self.streams}")
@@ -139,7 +142,12 @@ class TaskModel(nn.Module):
 
     def encode(self, stream: str, images: Tensor) -> list[Tensor]:
         """The four feature maps of one stream, with that stream's adapter and prompts."""
-        adapter = partial(use_adapter, self.peft, self.adapters[stream]) if self.peft is not None else nullcontext
+        if self.merged is not None:
+            adapter = partial(self.merged.use, self.adapters[stream])
+        elif self.peft is not None:
+            adapter = partial(use_adapter, self.peft, self.adapters[stream])
+        else:
+            adapter = nullcontext
         with adapter(), self.backbone.recomputed_in(adapter):  # checkpointed blocks recompute with it
             if self.prompts is not None:
                 return self.prompts.features(self.backbone, images, stream)

@@ -206,6 +206,30 @@ class TPMoME(StreamFusion):
             weights = logits.masked_fill(~active, float("-inf")).softmax(dim=1)
         return weights.to(r_cat.dtype)
 
+    def mixture(self, r_cat: Tensor, weights: Tensor) -> Tensor:
+        """sum_k weights[:, k] * E_k(input_k), E_0 on R_cat and E_m on `only(R_cat, m)`, with all
+        M+1 experts in three convolutions instead of 5(M+1) (the same function, up to float
+        rounding; tests/test_fusion.py checks it against the experts run one by one):
+
+        - first 1x1 convs as one conv to (M+1) * hidden channels; modality expert m's weight has
+          the columns of the other streams zeroed, which is what zeroing their slice of its input did;
+        - depthwise 3x3 convs as one depthwise conv over all (M+1) * hidden channels;
+        - the weighted sum of the last 1x1 convs as one conv: sum_k w_k (W_k h_k + b_k)
+          = [W_0 ... W_M] [w_0 h_0; ...; w_M h_M] + sum_k w_k b_k, so the M+1 outputs of
+          C_out channels are never materialised (at stride 4, the largest tensors of the fusion).
+
+        The experts stay `conv_mlp` modules (indices 0, 2, 4 are its convs), so checkpoints and
+        the per-expert reading of the equations are unchanged."""
+        first, depthwise, last = ([expert[i] for expert in self.experts] for i in (0, 2, 4))
+        seen = [first[0].weight] + [conv.weight.masked_fill(self.hide[m][None], 0) for m, conv in enumerate(first[1:])]
+        hidden = F.gelu(F.conv2d(r_cat, torch.cat(seen), torch.cat([conv.bias for conv in first])))
+        hidden = F.gelu(F.conv2d(hidden, torch.cat([conv.weight for conv in depthwise]),
+                                 torch.cat([conv.bias for conv in depthwise]), padding=depthwise[0].padding,
+                                 groups=hidden.shape[1]))
+        scaled = (hidden.unflatten(1, (len(self.experts), -1)) * weights[:, :, None, None, None]).flatten(1, 2)
+        bias = weights @ torch.stack([conv.bias for conv in last])  # (B, C_out)
+        return F.conv2d(scaled, torch.cat([conv.weight for conv in last], dim=1)) + bias[:, :, None, None]
+
     def forward(self, features: Mapping[str, Tensor], present: Tensor | None = None) -> Tensor:
         """{stream: (B, C, H, W)} -> (B, out_channels, H, W); `present` (B, M) marks missing inputs."""
         maps = self.ordered(features)
@@ -213,15 +237,9 @@ class TPMoME(StreamFusion):
         r_cat = self.concat(maps, active)
         weights = self.gate_weights(r_cat, active)
         self.last_gates, self.last_active = weights.detach(), active
-        outputs = torch.stack(
-            [self.experts[0](r_cat)]
-            + [expert(self.only(r_cat, m)) for m, expert in enumerate(self.experts[1:])],
-            dim=1,
-        )  # (B, M+1, C_out, H, W)
-        weights = weights[..., None, None, None]
-        if self.gating == "anchor":
-            return outputs[:, 0] + (weights * outputs[:, 1:]).sum(dim=1)
-        mixture = (weights * outputs).sum(dim=1)
+        if self.gating == "anchor":  # E_0 at full weight, the gate mixes the modality experts
+            weights = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1)
+        mixture = self.mixture(r_cat, weights)
         if self.anchor is not None:
             return self.anchor.mix(masked_concat(maps, active)) + mixture
         return mixture
