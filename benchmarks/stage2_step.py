@@ -9,8 +9,11 @@ inside the encoder need), with no prompts, LoRA, adapters, fusion or decoder. Ou
 method's task model: its encoder passes, fusion, decoder, loss, backward and AdamW step
 (`pipeline.benchmarking.stage2_step`). The method's encoder passes alone (prompts, LoRA,
 adapters; forward + backward, no fusion or decoder) are timed too, so the overhead splits into
-the encoder's share and the fusion + decoder's. On a GPU all run under bf16 autocast (the
-trainer's `bf16-mixed`). Goal: step / floor <= 1.2 for tp_mome.
+the encoder's share and the fusion + decoder's. The same ratio in FLOPs (counted by
+`torch.utils.flop_counter`) is what the method adds by construction: time above it is
+implementation overhead (small kernels, memory-bound passes), the part worth profiling. On a
+GPU all run under bf16 autocast (the trainer's `bf16-mixed`). Goal: step / floor <= 1.2 for
+tp_mome.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from pipeline.benchmarking import (
     add_encoder_arguments,
+    count_flops,
     benchmark_device,
     device_name,
     encoder_floor_step,
@@ -39,10 +43,12 @@ def measure(method: str, backbone_args: dict, streams: list[str], *, image_size:
     """Seconds per step of `method` and of its floor, and their ratio."""
     with stage2_setup(backbone_args, streams, method, device, decoder={"embed_dim": decoder_dim}) as setup:
         batch = setup.batch(batch_size, image_size)
-        times = time_side_by_side({"floor": lambda: encoder_floor_step(setup, batch),
-                                   "encoder": lambda: method_encoder_step(setup, batch),
-                                   "step": lambda: stage2_step(setup, batch)}, device, repeats=repeats, bf16=bf16)
-    return {**times, "ratio": times["step"] / times["floor"]}
+        steps = {"floor": lambda: encoder_floor_step(setup, batch),
+                 "encoder": lambda: method_encoder_step(setup, batch),
+                 "step": lambda: stage2_step(setup, batch)}
+        times = time_side_by_side(steps, device, repeats=repeats, bf16=bf16)
+        flops = {name: count_flops(step, device, bf16) for name, step in steps.items()}
+    return {**times, "ratio": times["step"] / times["floor"], "flop_ratio": flops["step"] / flops["floor"]}
 
 
 def main() -> None:
@@ -59,14 +65,15 @@ def main() -> None:
     backbone_args, encoder = encoder_from_arguments(args)
     print(f"device: {device_name(device)}; {encoder}, random weights, {args.image_size}px, batch {args.batch}, {'bf16 autocast' if bf16 else 'fp32'}")
     print(f"{'method':<10} {'streams':<22} {'floor ms':>9} {'encoder ms':>10} {'step ms':>9} {'encoder/floor':>13} "
-          f"{'step/floor':>10}")
+          f"{'step/floor':>10} {'in FLOPs':>8}")
     for method in args.methods:
         extra = args.modalities if method == "tp_mome" else 1
         streams = ["rgb", *MODALITIES[:extra]]
         result = measure(method, backbone_args, streams, image_size=args.image_size, batch_size=args.batch,
                          device=device, bf16=bf16, repeats=args.repeats, decoder_dim=args.decoder_dim)
         print(f"{method:<10} {'+'.join(streams):<22} {result['floor'] * 1000:9.1f} {result['encoder'] * 1000:10.1f} "
-              f"{result['step'] * 1000:9.1f} {result['encoder'] / result['floor']:13.2f} {result['ratio']:10.2f}")
+              f"{result['step'] * 1000:9.1f} {result['encoder'] / result['floor']:13.2f} {result['ratio']:10.2f} "
+              f"{result['flop_ratio']:8.2f}")
 
 
 if __name__ == "__main__":
