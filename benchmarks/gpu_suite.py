@@ -9,9 +9,12 @@ streams, bf16 autocast as the trainer's `bf16-mixed`), the Stage-2 tp_mome step 
 its floor (the plain frozen encoder's forward + backward per stream, `pipeline.benchmarking`),
 with images/s, FLOPs per step counted by `torch.utils.flop_counter`, model FLOP utilisation
 against the device's dense bf16 peak and peak memory. Then the seed methods' steps, the PSST joint
-step, subset scoring and evaluation (against the plain forward), where the MSRS pairs are found
-(`--data`) the loaders against what the Stage-2 step consumes, and last, per configuration, the
-largest batch that fits with and without activation checkpointing (the longest part).
+step, subset scoring and evaluation (against the plain forward), whether each lever pays on this
+device (the tp_mome step with `torch.compile`, channels-last or activation checkpointing against
+the same step without it, with the first step's time, compilation included, and each one's peak
+memory), where the MSRS pairs are found (`--data`) the loaders against what the Stage-2 step
+consumes, and last, per configuration, the largest batch that fits with and without activation
+checkpointing (the longest part).
 
 Everything runs under a time budget (`--budget`, default 7 minutes of the 8 allowed): sections
 run in order of importance, the JSON is rewritten after every measurement, and what the budget
@@ -37,6 +40,7 @@ from typing import Any
 import torch
 
 from pipeline.benchmarking import (
+    LEVERS,
     Stage2Setup,
     count_flops,
     device_name,
@@ -45,6 +49,7 @@ from pipeline.benchmarking import (
     fits_in_memory,
     is_out_of_memory,
     largest_batch,
+    lever_pair,
     loader_images_per_second,
     multicrop_batch,
     peak_flops,
@@ -59,6 +64,7 @@ from pipeline.benchmarking import (
     stage2_step,
     subset_scores,
     task_training_loader,
+    time_call,
     time_side_by_side,
 )
 
@@ -84,6 +90,7 @@ class Suite:
         self.stream_counts = [2, 3]
         self.repeats = 1 if tiny else args.repeats
         self.max_batch = 2 if tiny else args.max_batch
+        self.compile_backend = "eager" if tiny else args.compile_backend  # tiny: dynamo's tracing, no codegen
         self.results: dict[str, Any] = {
             "suite": "xmodal GPU suite (benchmarks/gpu_suite.py)",
             "device": device_name(device),
@@ -92,7 +99,8 @@ class Suite:
             "tiny": tiny, "weights": "random initialisation (no downloads): speed and memory only",
             "precision": "bf16 autocast (bf16-mixed)" if self.bf16 else "fp32",
             "budget_seconds": args.budget,
-            "stage2": [], "largest_batch": [], "seed_methods": [], "psst_joint": [], "scoring": [], "evaluation": [], "loader": [],
+            "stage2": [], "largest_batch": [], "seed_methods": [], "psst_joint": [], "scoring": [], "evaluation": [],
+            "levers": [], "loader": [],
             "skipped": [], "errors": [],
         }
 
@@ -230,6 +238,24 @@ def evaluation(suite: Suite, backbone: dict[str, Any], size: int) -> dict[str, A
             "model", batch_size)}
 
 
+def measure_lever(suite: Suite, name: str, backbone: dict[str, Any], size: int) -> dict[str, Any]:
+    """The tp_mome step (RGB + thermal) with lever `name` against the same step without it, each on
+    its own copy of the model, side by side; `first_step_seconds` includes compilation. Both
+    copies stay resident, so each peak includes the other's weights (the same for both peaks:
+    their difference is the lever's saving)."""
+    batch_size = suite.batch_for(size)
+    streams = ["rgb", "thermal"]
+    with lever_pair(backbone, streams, "tp_mome", suite.device, name, suite.compile_backend) as (plain, levered):
+        batch = plain.batch(batch_size, size)
+        first_step = time_call(lambda: stage2_step(levered, batch), suite.device, suite.bf16)
+        plain_peak = peak_memory_bytes(lambda: stage2_step(plain, batch), suite.device, suite.bf16)
+        result = suite.speed({"plain": lambda: stage2_step(plain, batch), name: lambda: stage2_step(levered, batch)},
+                             name, batch_size)
+    return {"batch": batch_size, "streams": streams, "first_step_seconds": round(first_step, 1),
+            "plain_peak_memory_gib": round(plain_peak / 2**30, 3) if plain_peak is not None else None,
+            **({"backend": suite.compile_backend} if name == "compile" else {}), **result}
+
+
 def loaders(suite: Suite, data: Path, workers: int, size: int) -> dict[str, Any]:
     """Stage-2 training loader (real MSRS pairs, paired crops at `size`) images/s in `workers`
     processes vs the B+ tp_mome step's consumption."""
@@ -258,6 +284,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=128, help="upper end of the largest-batch search")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MSRS pairs for the loader measurement")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile lever")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # the random-weights warning: the JSON records it once
@@ -286,6 +313,9 @@ def main() -> None:
                   lambda b=backbone: psst_joint(suite, b, size))
     suite.run("scoring", {"backbone": small["name"], "image_size": size}, lambda: scoring(suite, small, size))
     suite.run("evaluation", {"backbone": small["name"], "image_size": size}, lambda: evaluation(suite, small, size))
+    for name in LEVERS:  # compile last: it compiles before its first step
+        suite.run("levers", {"lever": name, "backbone": small["name"], "image_size": size, "method": "tp_mome"},
+                  lambda n=name: measure_lever(suite, n, small, size))
     if args.data.is_dir():
         suite.run("loader", {"backbone": small["name"], "image_size": size, "data": str(args.data)},
                   lambda: loaders(suite, args.data, args.workers, size))

@@ -56,6 +56,7 @@ from pipeline.training.psst_data import EncodeImage
 from pipeline.training.psst_module import JointSettings, JointTraining
 from pipeline.training.task_data import stream_encoders, task_loader
 from pipeline.training.tasks import training_stream
+from pipeline.training.trainer import ChannelsLast
 
 # Dense bf16 tensor-core peak of known accelerators (vendor data sheets, no sparsity), matched by
 # substring of `torch.cuda.get_device_name`; MFU is left out on devices not listed.
@@ -122,24 +123,26 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+def time_call(step: Callable[[], Any], device: torch.device, bf16: bool = False) -> float:
+    """Seconds of one call of `step`, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    with autocast(device, bf16):
+        step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_side_by_side(steps: Mapping[str, Callable[[], Any]], device: torch.device, *, repeats: int,
                       warmup: int = 1, bf16: bool = False) -> dict[str, float]:
     """Median seconds per call of each step, timed alternately after `warmup` calls of each."""
-    def timed(step: Callable[[], Any]) -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        with autocast(device, bf16):
-            step()
-        synchronize(device)
-        return time.perf_counter() - start
-
     for _ in range(warmup):  # allocator, kernels, lazy initialisation, compilation
         for step in steps.values():
-            timed(step)
+            time_call(step, device, bf16)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            times[name].append(timed(step))
+            times[name].append(time_call(step, device, bf16))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -312,6 +315,33 @@ def stage2_setup(backbone_args: Mapping[str, Any], streams: Sequence[str], metho
         floor = create_backbone(**backbone_args, weights="random").requires_grad_(False).to(device).train()
         optimizer = configure_optimizer(model, OptimSettings(), total_steps=1000)["optimizer"]  # as the trainer
         yield Stage2Setup(model, optimizer, floor, list(streams), num_classes, device)
+
+
+LEVERS = ("channels_last", "activation_checkpointing", "compile")
+
+
+def apply_lever(setup: Stage2Setup, lever: str, compile_backend: str = "inductor") -> None:
+    """Turn one `memory.*` lever on in a setup's task model, as the trainer does."""
+    if lever == "compile":
+        setup.model.backbone.set_compile(compile_backend)
+    elif lever == "channels_last":
+        ChannelsLast().setup(None, setup.model, "fit")
+    elif lever == "activation_checkpointing":
+        setup.model.backbone.set_activation_checkpointing(True)
+    else:
+        raise ValueError(f"unknown lever {lever!r}; one of {', '.join(LEVERS)}")
+
+
+@contextmanager
+def lever_pair(backbone_args: Mapping[str, Any], streams: Sequence[str], method: str, device: torch.device,
+               lever: str, compile_backend: str = "inductor",
+               **setup_args: Any) -> Iterator[tuple[Stage2Setup, Stage2Setup]]:
+    """Two copies of one Stage-2 setup (`stage2_setup`), the second with `lever` on: whether a
+    lever pays is its step against the plain one, side by side."""
+    with stage2_setup(backbone_args, streams, method, device, **setup_args) as plain, \
+            stage2_setup(backbone_args, streams, method, device, **setup_args) as levered:
+        apply_lever(levered, lever, compile_backend)
+        yield plain, levered
 
 
 def stage2_step(setup: Stage2Setup, batch: Mapping[str, Tensor]) -> None:

@@ -17,7 +17,7 @@ from pipeline.benchmarking import count_flops, largest_batch, time_side_by_side
 from tests.conftest import REPO
 
 SUITE = REPO / "benchmarks" / "gpu_suite.py"
-SECTIONS = ("stage2", "largest_batch", "seed_methods", "psst_joint", "scoring", "evaluation", "loader")
+SECTIONS = ("stage2", "largest_batch", "seed_methods", "psst_joint", "scoring", "evaluation", "levers", "loader")
 
 
 def run_suite(monkeypatch, *args: str) -> None:
@@ -65,6 +65,12 @@ def test_tiny_suite_runs_every_section_and_writes_one_json(tmp_path, shared_data
     assert all(results[section] for section in SECTIONS)
     assert results["scoring"][0]["scoring_over_forward"] > 1  # four masked passes cost more than one forward
     assert results["loader"][0]["loader_images_per_second"] > 0
+    levers = {row["lever"]: row for row in results["levers"]}
+    assert list(levers) == ["channels_last", "activation_checkpointing", "compile"]
+    for name, row in levers.items():
+        assert row[f"{name}_over_plain"] == pytest.approx(row[f"{name}_ms"] / row["plain_ms"], rel=1e-2)
+        assert row["first_step_seconds"] >= 0
+    assert levers["compile"]["backend"] == "eager"  # dynamo traces the blocks; no code generation on a CPU test
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole suite")

@@ -293,55 +293,61 @@ class MergedAdapters:
     `merge_adapter` would add Delta W into W in place, which one shared encoder cannot do for
     several streams in one step (the RGB stream needs W, and autograd keeps W for backward);
     here each adapter keeps its own merged copy and `use` swaps it in for the duration of one
-    stream's pass, with peft's adapters off. The cost is one copy of the adapted weights per
-    adapter (qkv: 70 MB fp32 for Hiera-B+, 214 MB for Hiera-L), made on the weights' device at
-    the first use and again only if they move (`.to()`) or change dtype.
+    stream's pass. The cost is one copy of the adapted weights per adapter (qkv: 70 MB fp32 for
+    Hiera-B+, 214 MB for Hiera-L), made on the weights' device at the first use and again only
+    if they move (`.to()`) or change dtype.
+
+    From construction on, this object switches the adapters, not peft: peft's adapter layers are
+    turned off for good (so every layer runs its base Linear), which is also why every adapter
+    of the model must be frozen. peft's switches (`use_adapter`) walk every module of the model,
+    ~10 ms a call on a CPU, paid again per checkpointed block in backward; `use` is a loop of
+    attribute assignments.
     """
 
     def __init__(self, peft_model: PeftModel, adapter_names: Sequence[str]):
-        self.peft = peft_model
         self.layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
         for name in adapter_names:
-            adapted = [m for m in self.layers if name in m.lora_A]
-            if not adapted:
+            if not any(name in m.lora_A for m in self.layers):
                 raise ValueError(f"no adapter named {name!r} is loaded")
-            trainable = [p for m in adapted for p in (m.get_base_layer().weight, *m.lora_A[name].parameters(),
-                                                       *m.lora_B[name].parameters()) if p.requires_grad]
-            if trainable:
-                raise ValueError(f"adapter {name!r} (or the weights under it) trains: only a frozen adapter "
-                                 "can run merged, a merged copy would not see its updates")
+        trainable = sorted({n.split(".lora_")[1].split(".")[1] for n, p in peft_model.named_parameters()
+                            if ".lora_" in n and p.requires_grad})
+        if trainable or any(m.get_base_layer().weight.requires_grad for m in self.layers):
+            raise ValueError(f"adapters {trainable} (or the weights under them) train: only a model whose adapters "
+                             "and adapted weights are all frozen can run merged, a merged copy would not see updates")
+        for layer in self.layers:
+            layer.enable_adapters(False)  # every layer runs its base Linear, whose weight `use` chooses
         self.names = tuple(adapter_names)
+        self._base = [m.get_base_layer().weight for m in self.layers]
         self._merged: dict[str, list[nn.Parameter]] = {}
 
     @torch.no_grad()
-    def weights(self, adapter_name: str) -> list[nn.Parameter]:
-        """The merged weight of every adapted layer (the base weight where this adapter has none)."""
-        base = self.layers[0].get_base_layer().weight
+    def weights(self, adapter_name: str | None) -> list[nn.Parameter]:
+        """The weight of every adapted layer with `adapter_name` merged in (None: the base weights;
+        a layer the adapter does not adapt keeps its base weight)."""
+        if adapter_name is None:
+            return self._base
+        base = self._base[0]
         merged = self._merged.get(adapter_name)
         if merged is None or (merged[0].device, merged[0].dtype) != (base.device, base.dtype):
-            merged = [nn.Parameter(m.get_base_layer().weight + m.get_delta_weight(adapter_name), requires_grad=False)
-                      if adapter_name in m.lora_A else m.get_base_layer().weight for m in self.layers]
+            merged = [nn.Parameter(weight + m.get_delta_weight(adapter_name), requires_grad=False)
+                      if adapter_name in m.lora_A else weight for m, weight in zip(self.layers, self._base, strict=True)]
             self._merged[adapter_name] = merged
         return merged
 
     @contextmanager
     def use(self, adapter_name: str | None) -> Iterator[None]:
-        """Run the encoder with `adapter_name` merged in (None: the plain encoder, as `use_adapter`).
+        """Run the encoder with `adapter_name` merged in (None: the plain encoder, the RGB stream).
 
         Re-entrant: activation checkpointing re-enters a stream's context in backward, and
         leaving restores whatever weights were in place on entry."""
         if adapter_name is not None and adapter_name not in self.names:
             raise KeyError(f"adapter {adapter_name!r} is not one of the merged adapters {list(self.names)}")
-        with use_adapter(self.peft, None):
-            if adapter_name is None:
-                yield
-                return
-            bases = [m.get_base_layer() for m in self.layers]
-            previous = [layer.weight for layer in bases]
-            try:
-                for layer, weight in zip(bases, self.weights(adapter_name), strict=True):
-                    layer.weight = weight
-                yield
-            finally:
-                for layer, weight in zip(bases, previous, strict=True):
-                    layer.weight = weight
+        bases = [m.get_base_layer() for m in self.layers]
+        previous = [layer.weight for layer in bases]
+        try:
+            for layer, weight in zip(bases, self.weights(adapter_name), strict=True):
+                layer.weight = weight
+            yield
+        finally:
+            for layer, weight in zip(bases, previous, strict=True):
+                layer.weight = weight
