@@ -49,7 +49,7 @@ from pipeline.methods.psst import HeadSettings, PSSTNetwork, mask_grid, reconstr
 from pipeline.methods.stage2 import MethodSettings, TaskModel
 from pipeline.models.backbone import Backbone, create_backbone
 from pipeline.models.lora import LoraSettings, add_lora, export_lora, lora_provenance
-from pipeline.models.masking import keyed_masks
+from pipeline.models.masking import scoring_masks
 from pipeline.models.task_losses import segmentation_loss
 from pipeline.training.optim import OptimSettings, configure_optimizer
 from pipeline.training.psst_data import EncodeImage
@@ -424,5 +424,5 @@ def psst_joint_floor_step(module: JointTraining, batch: Mapping[str, Any]) -> No
 def subset_scores(network: PSSTNetwork, keys: Sequence[str], images: Tensor, num_masks: int) -> Tensor:
     """Subset selection's scores of a batch, as `run_select` computes them (keyed masks)."""
     grid = mask_grid(images.shape[-2:])
-    masks = [keyed_masks(keys, grid, 0.6, 0, -draw, images.device) for draw in range(1, num_masks + 1)]
+    masks = scoring_masks(keys, grid, 0.6, 0, num_masks, images.device)
     return reconstruction_scores(network, images, masks)

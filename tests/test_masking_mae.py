@@ -7,7 +7,7 @@ import torch
 
 from pipeline.models.backbone import create_backbone
 from pipeline.models.mae_decoder import MAEDecoder, masked_mean, reconstruction_loss, unit_errors
-from pipeline.models.masking import MaskedEncoder, keyed_masks, random_unit_mask
+from pipeline.models.masking import MaskedEncoder, keyed_masks, random_unit_mask, scoring_masks
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,18 @@ def test_keyed_masks_follow_the_image_not_its_rank_or_batch():
     assert whole.flatten(1).sum(1).tolist() == [12] * 4 and not torch.equal(whole[0], whole[1])
     assert not torch.equal(keyed_masks(["a"], grid, 0.5, seed=3, draw=2)[0], whole[0])  # a new step, a new mask
     assert not torch.equal(keyed_masks(["a"], grid, 0.5, seed=4, draw=1)[0], whole[0])
+
+
+def test_scoring_masks_are_keyed_draws_no_training_step_makes():
+    """Subset selection's masks: draws -1, -2, ... of the image's key, distinct from each other and
+    from every training step's (draws 0, 1, 2, ...)."""
+    grid = (4, 6)
+    masks = scoring_masks(["a", "b"], grid, 0.5, seed=3, count=3)
+    assert len(masks) == 3 and all(torch.equal(m, keyed_masks(["a", "b"], grid, 0.5, 3, -d)) for d, m in enumerate(masks, 1))
+    assert torch.equal(scoring_masks(["b"], grid, 0.5, 3, 3)[2][0], masks[2][1])  # the key decides, not the batch
+    assert len({tuple(m[0].flatten().tolist()) for m in masks}) == 3
+    training = [keyed_masks(["a"], grid, 0.5, 3, step)[0] for step in range(8)]
+    assert not any(torch.equal(m[0], t) for m in masks for t in training)
 
 
 def test_ratio_zero_equals_the_plain_forward(encoder):

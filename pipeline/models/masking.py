@@ -48,6 +48,13 @@ def keyed_masks(keys: Sequence[str], grid: tuple[int, int], ratio: float, seed: 
     return torch.cat(masks).to(device)
 
 
+def scoring_masks(keys: Sequence[str], grid: tuple[int, int], ratio: float, seed: int, count: int,
+                  device: torch.device | str | None = None) -> list[Tensor]:
+    """The `count` masks subset selection scores each image with: keyed draws -1, -2, ...
+    (negative, so never a training step's draw), so an image's scores follow from its key."""
+    return [keyed_masks(keys, grid, ratio, seed, -draw, device) for draw in range(1, count + 1)]
+
+
 def _key_seed(seed: int, draw: int, key: str) -> int:
     digest = hashlib.sha256(f"{seed}:{draw}:{key}".encode()).digest()  # stable across processes
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -45,7 +45,7 @@ from pipeline.methods.psst import (
 )
 from pipeline.models.backbone import create_backbone
 from pipeline.models.lora import LoraSettings, export_lora, lora_provenance, lora_update_norms
-from pipeline.models.masking import keyed_masks, random_unit_mask
+from pipeline.models.masking import random_unit_mask, scoring_masks
 from pipeline.training.callbacks import LossCurve
 from pipeline.training.optim import OptimSettings
 from pipeline.training.psst_data import (
@@ -197,8 +197,8 @@ def run_select(params: Mapping[str, Any], lora: str, shard_dir: Path, warmup_dir
     """Score every pool image by its MAE reconstruction variance; keep the top fraction.
 
     Runs on the trainer's processes and devices (`launch_ranks`): each rank scores its shards
-    and rank 0 gathers the scores. An image's masks follow from its key (`keyed_masks`, draws
-    -1, -2, ...: never a training step's), so the scores do not depend on the number of ranks.
+    and rank 0 gathers the scores. An image's masks follow from its key (`scoring_masks`: keyed
+    draws -1, -2, ..., never a training step's), so the scores do not depend on the number of ranks.
     """
     run = stage1_run(params, lora)
     mode, psst = run.mode, run.psst
@@ -216,8 +216,7 @@ def run_select(params: Mapping[str, Any], lora: str, shard_dir: Path, warmup_dir
         batches = loader(scoring_stream(urls, encode, image_size=psst["image_size"]), cfg["batch_size"],
                          section(params, "loader.num_workers"))
         for batch in tqdm(batches, desc=f"score {lora}", unit="batch", disable=not progress):
-            masks = [keyed_masks(batch["key"], grid, psst["mask_ratio"], psst["seed"], -draw, device)
-                     for draw in range(1, cfg["num_masks"] + 1)]
+            masks = scoring_masks(batch["key"], grid, psst["mask_ratio"], psst["seed"], cfg["num_masks"], device)
             values = reconstruction_scores(network, batch["image"].to(device), masks, score=cfg["score"],
                                            normalize_targets=psst["normalize_targets"])
             scores.update(zip(batch["key"], values.tolist()))
