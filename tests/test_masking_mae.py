@@ -41,7 +41,8 @@ def test_scoring_masks_are_keyed_draws_no_training_step_makes():
     from every training step's (draws 0, 1, 2, ...)."""
     grid = (4, 6)
     masks = scoring_masks(["a", "b"], grid, 0.5, seed=3, count=3)
-    assert len(masks) == 3 and all(torch.equal(m, keyed_masks(["a", "b"], grid, 0.5, 3, -d)) for d, m in enumerate(masks, 1))
+    assert len(masks) == 3
+    assert all(torch.equal(m, keyed_masks(["a", "b"], grid, 0.5, 3, -d)) for d, m in enumerate(masks, 1))
     assert torch.equal(scoring_masks(["b"], grid, 0.5, 3, 3)[2][0], masks[2][1])  # the key decides, not the batch
     assert len({tuple(m[0].flatten().tolist()) for m in masks}) == 3
     training = [keyed_masks(["a"], grid, 0.5, 3, step)[0] for step in range(8)]

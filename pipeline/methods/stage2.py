@@ -16,8 +16,9 @@ the same code path and the same data:
 The RGB stream never gets a modality LoRA (the encoder is an RGB model). Adapters live in
 one peft model over the shared encoder and are switched per stream (`use_adapter`), so the
 frozen weights exist once however many streams run; frozen modality LoRAs run merged
-(`MergedAdapters`: one copy of the adapted qkv weights per modality, no extra matmuls). IV-tuning and CoLA (the seed methods,
-pipeline/models/iv_tuning.py and cola.py) take RGB + one auxiliary stream, in that order.
+(`MergedAdapters`: one copy of the adapted qkv weights per modality, no extra matmuls).
+IV-tuning and CoLA (the seed methods, pipeline/models/iv_tuning.py and cola.py) take RGB + one
+auxiliary stream, in that order.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ class TaskModel(nn.Module):
         backbone.requires_grad_(method.train_encoder)
         self.adapters: dict[str, str | None] = {stream: None for stream in self.streams}
         self.__dict__["peft"] = self._add_adapters(method, lora_dirs or {})
-        modality_adapters = [name for name in self.adapters.values() if name is not None] if method.modality_loras else []
-        self.__dict__["merged"] = MergedAdapters(self.peft, modality_adapters) if modality_adapters else None
+        frozen = [name for name in self.adapters.values() if name is not None] if method.modality_loras else []
+        self.__dict__["merged"] = MergedAdapters(self.peft, frozen) if frozen else None
         self.prompts = TaskPrompts(backbone, self.streams, method.prompts) if method.prompts > 0 else None
         if method.seed_method and (len(self.streams) != 2 or self.streams[0] != RGB):
             raise ValueError(f"method {method.name!r} takes streams [rgb, <modality>], got {self.streams}")

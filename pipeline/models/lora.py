@@ -330,7 +330,8 @@ class MergedAdapters:
         merged = self._merged.get(adapter_name)
         if merged is None or (merged[0].device, merged[0].dtype) != (base.device, base.dtype):
             merged = [nn.Parameter(weight + m.get_delta_weight(adapter_name), requires_grad=False)
-                      if adapter_name in m.lora_A else weight for m, weight in zip(self.layers, self._base, strict=True)]
+                      if adapter_name in m.lora_A else weight
+                      for m, weight in zip(self.layers, self._base, strict=True)]
             self._merged[adapter_name] = merged
         return merged
 
