@@ -137,12 +137,15 @@ class Suite:
         tmp.write_text(json.dumps(self.results, indent=2) + "\n")
         os.replace(tmp, out)
 
-    def speed(self, steps: dict[str, Callable[[], Any]], measured: str, images: int) -> dict[str, Any]:
+    def speed(self, steps: dict[str, Callable[[], Any]], measured: str, images: int,
+              model_flops: Callable[[], Any] | None = None) -> dict[str, Any]:
         """Side-by-side times of `steps` (the first is the floor), and for `measured`: images/s,
-        FLOPs, utilisation and peak memory."""
+        FLOPs, utilisation and peak memory. FLOPs are counted on `model_flops` where given (the
+        same work done without a lever: recomputation is not model work, and FLOPs are counted
+        in eager mode, not through compiled code)."""
         times = time_side_by_side(steps, self.device, repeats=self.repeats, bf16=self.bf16)
         floor_name = next(iter(steps))
-        flops = count_flops(steps[measured], self.device, self.bf16)
+        flops = count_flops(model_flops or steps[measured], self.device, self.bf16)
         peak = peak_memory_bytes(steps[measured], self.device, self.bf16)
         device_peak = self.results["device_peak_bf16_flops"]
         result = {f"{name}_ms": round(seconds * 1000, 2) for name, seconds in times.items()}
@@ -250,7 +253,7 @@ def measure_lever(suite: Suite, name: str, backbone: dict[str, Any], size: int) 
         first_step = time_call(lambda: stage2_step(levered, batch), suite.device, suite.bf16)
         plain_peak = peak_memory_bytes(lambda: stage2_step(plain, batch), suite.device, suite.bf16)
         result = suite.speed({"plain": lambda: stage2_step(plain, batch), name: lambda: stage2_step(levered, batch)},
-                             name, batch_size)
+                             name, batch_size, model_flops=lambda: stage2_step(plain, batch))
     return {"batch": batch_size, "streams": streams, "first_step_seconds": round(first_step, 1),
             "plain_peak_memory_gib": round(plain_peak / 2**30, 3) if plain_peak is not None else None,
             **({"backend": suite.compile_backend} if name == "compile" else {}), **result}

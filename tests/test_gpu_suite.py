@@ -71,6 +71,7 @@ def test_tiny_suite_runs_every_section_and_writes_one_json(tmp_path, shared_data
         assert row[f"{name}_over_plain"] == pytest.approx(row[f"{name}_ms"] / row["plain_ms"], rel=1e-2)
         assert row["first_step_seconds"] >= 0
     assert levers["compile"]["backend"] == "eager"  # dynamo traces the blocks; no code generation on a CPU test
+    assert len({row["flops_per_step"] for row in levers.values()}) == 1  # model FLOPs: the plain step's work
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole suite")
