@@ -293,8 +293,8 @@ class MergedAdapters:
     `merge_adapter` would add Delta W into W in place, which one shared encoder cannot do for
     several streams in one step (the RGB stream needs W, and autograd keeps W for backward);
     here each adapter keeps its own merged copy and `use` swaps it in for the duration of one
-    stream's pass. The cost is one copy of the adapted weights per adapter (qkv: 70 MB fp32 for
-    Hiera-B+, 214 MB for Hiera-L), made on the weights' device at the first use and again only
+    stream's pass. The cost is one copy of the adapted weights per adapter (qkv: 63 MB fp32 for
+    Hiera-B+, 203 MB for Hiera-L), made on the weights' device at the first use and again only
     if they move (`.to()`) or change dtype.
 
     From construction on, this object switches the adapters, not peft: peft's adapter layers are
