@@ -175,7 +175,7 @@ class Backbone(nn.Module):
         under activation checkpointing when its stage has it and gradients are on
         (non-reentrant, RNG state kept: drop path draws the same masks). The recomputation runs
         in backward, after every stream's forward, so it re-enters the `recompute_context` of its
-        forward: the stream's adapter (peft switches one set of LoRA weights per stream)."""
+        forward: the stream's adapter (its merged weights, or peft's switch to its LoRA)."""
         if self._compiled_call is not None:
             fn, args = self._compiled_call, (fn, *args)
         if not (self.block_checkpointed(index) and torch.is_grad_enabled()):
